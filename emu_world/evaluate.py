@@ -62,9 +62,19 @@ def make_agent(agent_cfg: AgentConfig, env_cfg: EnvConfig, env) -> Agent:
     raise ValueError(f"unknown agent {agent_cfg.name!r}")
 
 
-def run_episode(env, agent: Agent, seed: int, episode: int = 0,
-                record_camera: str | None = None) -> tuple[EpisodeResult, list[np.ndarray]]:
-    """One closed-loop episode until termination or truncation (the env's TimeLimit)."""
+class StepCallback(Protocol):
+    def __call__(self, obs: dict, action: Any, next_obs: dict, reward: float, terminated: bool,
+                 truncated: bool, info: dict, subtask_index: int | None) -> None: ...
+
+
+def run_episode(env, agent: Agent, seed: int, episode: int = 0, record_camera: str | None = None,
+                on_step: StepCallback | None = None) -> tuple[EpisodeResult, list[np.ndarray]]:
+    """One closed-loop episode until termination or truncation (the env's TimeLimit).
+
+    ``on_step`` sees every transition (the observation the action was chosen from, the action
+    as the actuators received it after the env's limits, the next observation, ...): the
+    dataset recorder hooks in here.
+    """
     from envs import AnnotationTracker
 
     start = time.perf_counter()
@@ -76,11 +86,16 @@ def run_episode(env, agent: Agent, seed: int, episode: int = 0,
     while True:
         action = agent.act(obs, info)
         t0 = time.perf_counter()
-        obs, _, terminated, truncated, info = env.step(action)
+        next_obs, reward, terminated, truncated, info = env.step(action)
         env_seconds += time.perf_counter() - t0
         steps += 1
+        subtask = getattr(agent, "subtask_index", None)
         if tracker is not None:
-            tracker.record(agent.subtask_index)
+            tracker.record(subtask)
+        if on_step is not None:
+            on_step(obs, env.unwrapped.last_action, next_obs, float(reward), bool(terminated),
+                    bool(truncated), info, subtask)
+        obs = next_obs
         if record_camera:
             frames.append(obs["pixels"][record_camera])
         success = success or bool(info["is_success"])

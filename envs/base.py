@@ -227,6 +227,7 @@ class TaskEnv(gym.Env, abc.ABC):
         self._last_target: np.ndarray | None = None
         self._step_count = 0
         self.action_clipped = False
+        self.last_action: np.ndarray | None = None
 
     # -- construction helpers ---------------------------------------------------------------
     def _setup(self, action_low: np.ndarray, action_high: np.ndarray) -> None:
@@ -265,6 +266,7 @@ class TaskEnv(gym.Env, abc.ABC):
         target = self.validate_action(action)
         self._apply_action(target)
         self._last_target = target
+        self.last_action = target  # what the actuators were sent (after limits)
         self._step_count += 1
         obs = self._observation()
         info = self._info()

@@ -1,0 +1,1 @@
+"""Robot episode data: LeRobot datasets, subtask annotations and the token cache."""
