@@ -152,9 +152,15 @@ def validate_dataset(
 
     data_files = sorted((root / "data").glob("*/*.parquet"))
     episode_files = sorted((root / "meta" / "episodes").glob("*/*.parquet"))
-    if not data_files or not episode_files:
-        missing = "data/*/*.parquet" if not data_files else "meta/episodes/*/*.parquet"
-        raise DatasetError(f"{root} has no {missing}: the dataset is empty or incomplete; re-record it")
+    if not data_files:
+        raise DatasetError(f"{root} has no data/*/*.parquet: the dataset holds no episodes; re-record it")
+    if not episode_files:
+        # lerobot buffers episode metadata and writes it in finalize()
+        raise DatasetError(
+            f"{root} has frames but no meta/episodes/*/*.parquet: the recording was not finalized "
+            "(LeRobotDataset.finalize() was never called, e.g. the recorder was killed). Re-record it "
+            f"(python -m emu_world.record ... dataset.root={root} overwrite=true)."
+        )
     n_rows = sum(_check_parquet(p, root) for p in data_files)
     for p in episode_files:
         _check_parquet(p, root)

@@ -64,7 +64,7 @@ FORMAT_VERSION = 1
 STAGING_DIR = ".staging"
 STALE_AFTER_S = 24 * 3600.0  # staging dirs of other hosts (or unparseable names) older than this are swept
 
-_SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
+_SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")
 _ENTRY = re.compile(r"episode_(\d{6,})-[A-Za-z0-9_-]+-[0-9a-f]{8}")
 _READ_ATTEMPTS = 20
 _UINT16_LIMIT = 1 << 16
@@ -132,10 +132,11 @@ class TokenStore:
         grid: tuple[int, int] | None = None,
         chunk_frames: int = 16,
     ) -> None:
-        if not isinstance(tokenizer_id, str) or not _SAFE_ID.fullmatch(tokenizer_id) or tokenizer_id.startswith("."):
+        if not isinstance(tokenizer_id, str) or not _SAFE_ID.fullmatch(tokenizer_id) or tokenizer_id[0] == ".":
             raise ValueError(
                 f"tokenizer_id {tokenizer_id!r} is not a safe directory name: use only letters, digits, "
-                "'-', '_' and '.', not starting with '.' (e.g. a hex hash of the tokenizer's config and weights)"
+                "'-', '_' and '.', 1 to 200 of them, not starting with '.' (e.g. a hex hash of the tokenizer's "
+                "config and weights)"
             )
         if grid is not None:
             if len(grid) != 2 or not all(isinstance(g, (int, np.integer)) and g > 0 for g in grid):
