@@ -39,9 +39,9 @@ def test_evaluate_writes_results_and_summary(tmp_path):
 
 def test_wilson_interval():
     lo, hi = wilson_interval(50, 50)
-    assert hi == 1.0 and 0.92 < lo < 0.94
+    assert hi == pytest.approx(1.0) and 0.92 < lo < 0.94
     lo, hi = wilson_interval(0, 10)
-    assert lo == 0.0 and 0.27 < hi < 0.29
+    assert lo == pytest.approx(0.0) and 0.27 < hi < 0.29
     lo, hi = wilson_interval(45, 50)
     assert lo < 0.9 < hi
     with pytest.raises(ValueError):
