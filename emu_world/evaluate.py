@@ -139,14 +139,16 @@ def evaluate(env_cfg: EnvConfig, agent_cfg: AgentConfig, episodes: int, seed: in
 
     n_success = sum(r.success for r in results)
     lo, hi = wilson_interval(n_success, len(results))
+    has_success = env.unwrapped.has_success
     total_steps = sum(r.steps for r in results)
     summary = {
         "env": env_cfg.name,
         "agent": agent_cfg.name,
         "episodes": len(results),
         "seed": seed,
-        "success_rate": n_success / len(results),
-        "success_ci95": [round(lo, 4), round(hi, 4)],
+        # open-ended tasks (exploration) have no success: reported as null, not as 0
+        "success_rate": n_success / len(results) if has_success else None,
+        "success_ci95": [round(lo, 4), round(hi, 4)] if has_success else None,
         "mean_subtask_progress": float(np.mean([r.max_subtask_progress for r in results])),
         "mean_steps": total_steps / len(results),
         "steps_per_second": total_steps / sum(r.seconds for r in results),

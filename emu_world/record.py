@@ -72,13 +72,14 @@ def record(env_cfg: EnvConfig, agent_cfg: AgentConfig, root: Path, repo_id: str,
                                        success=bool(info["is_success"]), subtask_index=subtask)
 
                 result, _ = run_episode(env, agent, ep_seed, attempt, on_step=on_step)
-                if result.success or keep_failures:
+                # open-ended tasks (no success condition) keep every episode
+                if result.success or keep_failures or not u.has_success:
                     recorder.save_episode(seed=ep_seed, success=result.success, steps=result.steps)
                     kept += 1
                     bar.update(1)
                 else:
                     recorder.discard_episode()
-                if not result.success:
+                if u.has_success and not result.success:
                     failed_seeds.append(ep_seed)
                 seconds.append(time.perf_counter() - start)
     finally:

@@ -201,6 +201,8 @@ class TaskEnv(gym.Env, abc.ABC):
     control_hz: ClassVar[float]
     action_names: ClassVar[tuple[str, ...]]  # one name per action dimension
     state_names: ClassVar[tuple[str, ...]]  # one name per agent_pos dimension
+    # False for open-ended tasks (exploration): every episode that runs to its end is kept
+    has_success: ClassVar[bool] = True
     # largest allowed change of a joint target per control step (radians or metres),
     # per action dimension; None disables the step-size limit
     max_action_step: ClassVar[np.ndarray | None] = None

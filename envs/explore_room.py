@@ -447,6 +447,7 @@ class ExploreRoomEnv(TaskEnv):
     """A camera explores a randomly furnished room by discrete commands (see module doc)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+    has_success = False  # open-ended: there is nothing to succeed at
     task: ClassVar[str] = "explore the room"
     subtasks: ClassVar[tuple[str, ...]] = (
         "look around the room",

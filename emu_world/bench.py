@@ -1,0 +1,257 @@
+"""Benchmarks: ``python -m emu_world.bench <name> [hydra overrides]``.
+
+    python -m emu_world.bench tokenizer                       # shipped tokenizer, fresh simulator episodes
+    python -m emu_world.bench tokenizer seed=2000 episodes=2 tasks=[aloha_fold]
+    python -m emu_world.bench tokenizer checkpoint=outputs/train/tokenizer/tokenizer
+    python -m emu_world.bench tokenizer dataset.root=datasets  # held-out episodes of recorded datasets
+
+Each benchmark composes ``configs/bench/<name>.yaml``, prints a table and ends with one JSON
+line. Speed targets live here, never in unit tests. Later issues add ``world_model`` and ``dida``.
+
+``tokenizer``: held-out PSNR and SSIM per task (frames recorded from the simulator with the
+scripted experts, episode ``i`` of a task reset with ``seed + i``; the training datasets are
+recorded from seed 0 on, so the default ``seed=1000`` gives unseen episodes), code usage (the
+fraction of the K codes used over all measured frames) and perplexity, tokens per frame, and
+encode / decode / round-trip frames per second at ``threads`` torch threads. Writes a picture
+of originals beside reconstructions per task (``picture=``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from emu_world.config import CONFIG_DIR, EnvConfig, to_dataclass
+from emu_world.image_metrics import code_usage, psnr_per_frame, ssim_per_frame
+
+REPO_ROOT = CONFIG_DIR.parent
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A path as given, or relative to the repository root (so defaults work from any directory)."""
+    p = Path(path)
+    return p if p.exists() or p.is_absolute() else REPO_ROOT / p
+
+
+# ----------------------------------------------------------------------------- frames to measure
+
+
+@dataclass
+class TaskFrames:
+    task: str  # env name (or dataset folder name)
+    camera: str
+    frames: np.ndarray  # (N, H, W, 3) uint8
+    source: str  # "sim seeds 1000..1000" or a dataset path
+
+
+def record_task_frames(task: str, image_size: int, seed: int, episodes: int, frame_stride: int) -> list[TaskFrames]:
+    """Run the task's scripted expert for ``episodes`` episodes (seeds ``seed..``) and keep every
+    camera's frames (every ``frame_stride``-th)."""
+    import envs
+    from emu_world.evaluate import run_episode
+
+    env_cfg = to_dataclass(EnvConfig, OmegaConf.load(CONFIG_DIR / "env" / f"{task}.yaml"))
+    env_cfg.image_size = image_size
+    env = env_cfg.make()
+    expert = envs.make_expert(task, env)
+    per_cam: dict[str, list[np.ndarray]] = {c: [] for c in env_cfg.cameras}
+    try:
+        for i in range(episodes):
+            counter = {"t": 0}
+
+            def on_step(obs, action, next_obs, reward, terminated, truncated, info, subtask):
+                if counter["t"] % frame_stride == 0:
+                    for cam in per_cam:
+                        per_cam[cam].append(np.asarray(obs["pixels"][cam]))
+                counter["t"] += 1
+
+            run_episode(env, expert, seed + i, i, on_step=on_step)
+    finally:
+        env.close()
+    src = f"simulator, scripted expert, seeds {seed}..{seed + episodes - 1}"
+    return [TaskFrames(task, cam, np.stack(f), src) for cam, f in per_cam.items()]
+
+
+def dataset_task_frames(roots: Any, held_out: int, frame_stride: int, image_size: int) -> list[TaskFrames]:
+    """The last ``held_out`` episodes of each dataset (the ones training holds out), every camera."""
+    from emu_world.data.robot_dataset import RobotDataset
+    from emu_world.train_tokenizer import decode_episode_frames, resolve_roots
+
+    items = roots if isinstance(roots, (list, tuple)) else [roots]
+    out = []
+    for root in resolve_roots([Path(str(r)) for r in items]):
+        ds = RobotDataset(root, check_videos=False)
+        eps = list(range(max(0, ds.num_episodes - held_out), ds.num_episodes))
+        name = str(ds.provenance.get("env") or root.name)
+        for key in ds.camera_keys:
+            frames = np.concatenate(decode_episode_frames(ds, key, eps, frame_stride))
+            if frames.shape[1] != image_size:
+                raise ValueError(f"{root} {key}: frames are {frames.shape[1]}px, the tokenizer reads {image_size}px")
+            out.append(TaskFrames(name, key.removeprefix("observation.images."), frames, f"{root} episodes {eps}"))
+    return out
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def time_tokenizer(tok, frames: np.ndarray, batch_size: int) -> dict[str, float]:
+    """Encode and decode frames/s on ``frames`` (one warm-up batch first)."""
+    tok.decode(tok.encode(frames[:batch_size], batch_size), batch_size)
+    t0 = time.perf_counter()
+    codes = tok.encode(frames, batch_size)
+    t1 = time.perf_counter()
+    tok.decode(codes, batch_size)
+    t2 = time.perf_counter()
+    n = len(frames)
+    return {"encode_fps": n / (t1 - t0), "decode_fps": n / (t2 - t1), "frames_per_second": n / (t2 - t0)}
+
+
+def save_picture(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray]]) -> Path:
+    """One row per task: originals (left of each pair) beside their reconstructions (right)."""
+    from PIL import Image, ImageDraw
+
+    n = max(len(o) for _, o, _ in rows)
+    H, W = rows[0][1].shape[1:3]
+    label_w, gap = 150, 6
+    canvas = Image.new("RGB", (label_w + n * (2 * W + gap), len(rows) * (H + gap) + 20), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j in range(n):
+        draw.text((label_w + j * (2 * W + gap) + 4, 4), "original | reconstruction", fill="black")
+    for i, (name, orig, rec) in enumerate(rows):
+        y = 20 + i * (H + gap)
+        draw.text((4, y + H // 2 - 6), name, fill="black")
+        for j in range(len(orig)):
+            x = label_w + j * (2 * W + gap)
+            canvas.paste(Image.fromarray(orig[j]), (x, y))
+            canvas.paste(Image.fromarray(rec[j]), (x + W, y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
+    from emu_world.tokenizer import load_tokenizer
+
+    torch.set_num_threads(int(cfg.threads))
+    ckpt = resolve_path(cfg.checkpoint)
+    tok = load_tokenizer(ckpt, image_size=int(cfg.image_size))
+    image_size = int(tok.image_size)
+    if cfg.dataset.root:
+        sets = dataset_task_frames(cfg.dataset.root, int(cfg.dataset.held_out), int(cfg.frame_stride), image_size)
+    else:
+        sets = []
+        for task in cfg.tasks:
+            t0 = time.perf_counter()
+            sets += record_task_frames(str(task), image_size, int(cfg.seed), int(cfg.episodes), int(cfg.frame_stride))
+            print(f"recorded {task}: {sum(len(s.frames) for s in sets if s.task == task)} frames "
+                  f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    bs = int(cfg.batch_size)
+    rows, all_codes, pictures = {}, [], []
+    for s in sets:
+        codes = tok.encode(s.frames, bs)
+        recon = tok.decode(codes, bs).numpy()
+        all_codes.append(codes)
+        use = code_usage(codes, tok.codebook_size)
+        rows[f"{s.task}/{s.camera}"] = {
+            "frames": int(len(s.frames)),
+            "psnr": round(float(psnr_per_frame(s.frames, recon).mean()), 3),
+            "ssim": round(float(torch.cat([ssim_per_frame(s.frames[i:i + 64], recon[i:i + 64])
+                                           for i in range(0, len(s.frames), 64)]).mean()), 4),
+            "code_usage": round(use["code_usage"], 4),
+            "perplexity": round(use["perplexity"], 1),
+            "source": s.source,
+        }
+        pick = np.linspace(0, len(s.frames) - 1, int(cfg.picture_frames)).round().astype(int)
+        pictures.append((f"{s.task}\n{s.camera}", s.frames[pick], recon[pick]))
+    pool = np.concatenate([s.frames for s in sets])
+    speed_n = min(len(pool), int(cfg.speed_frames))
+    speed_pick = np.random.default_rng(0).choice(len(pool), speed_n, replace=False)
+    speed = time_tokenizer(tok, pool[speed_pick], bs)
+    usage = code_usage(torch.cat(all_codes), tok.codebook_size)
+    summary = {
+        "benchmark": "tokenizer",
+        "checkpoint": str(ckpt),
+        "identity": tok.identity(),
+        "psnr": round(float(np.mean([r["psnr"] for r in rows.values()])), 3),  # mean over tasks
+        "ssim": round(float(np.mean([r["ssim"] for r in rows.values()])), 4),
+        "code_usage": round(usage["code_usage"], 4),  # over all measured frames
+        "perplexity": round(usage["perplexity"], 1),
+        "tokens_per_frame": int(tok.grid[0] * tok.grid[1]),
+        "codebook_size": int(tok.codebook_size),
+        "image_size": image_size,
+        **{k: round(v, 1) for k, v in speed.items()},
+        "speed_frames": speed_n,
+        "batch_size": bs,
+        "threads": torch.get_num_threads(),
+        "frames": int(len(pool)),
+        "seed": int(cfg.seed) if not cfg.dataset.root else None,
+        "episodes": int(cfg.episodes) if not cfg.dataset.root else int(cfg.dataset.held_out),
+        "per_task": rows,
+    }
+    if cfg.picture:
+        summary["picture"] = str(save_picture(Path(str(cfg.picture)), pictures))
+    print_table(summary)
+    return summary
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    lines = ["| task/camera | frames | PSNR dB | SSIM | code usage | perplexity |", "|---|---|---|---|---|---|"]
+    for name, r in summary["per_task"].items():
+        lines.append(f"| {name} | {r['frames']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['code_usage']:.3f} | "
+                     f"{r['perplexity']:.0f} |")
+    lines.append(f"| **all** | {summary['frames']} | {summary['psnr']:.2f} | {summary['ssim']:.4f} | "
+                 f"{summary['code_usage']:.3f} | {summary['perplexity']:.0f} |")
+    lines.append(f"tokens/frame {summary['tokens_per_frame']}, K {summary['codebook_size']}; "
+                 f"encode {summary['encode_fps']:.0f} frames/s, decode {summary['decode_fps']:.0f} frames/s, "
+                 f"encode+decode {summary['frames_per_second']:.0f} frames/s ({summary['threads']} threads, "
+                 f"batch {summary['batch_size']})")
+    print("\n".join(lines), flush=True)
+
+
+BENCHMARKS: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
+    "tokenizer": bench_tokenizer,
+}
+
+
+def run_benchmark(name: str, cfg: DictConfig) -> dict[str, Any]:
+    summary = BENCHMARKS[name](cfg)
+    if cfg.get("output"):
+        Path(str(cfg.output)).parent.mkdir(parents=True, exist_ok=True)
+        Path(str(cfg.output)).write_text(json.dumps(summary, indent=2) + "\n")
+    else:
+        try:
+            out = Path(HydraConfig.get().runtime.output_dir) / "summary.json"
+            out.write_text(json.dumps(summary, indent=2) + "\n")
+        except ValueError:  # not under @hydra.main
+            pass
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    import hydra
+
+    argv = sys.argv if argv is None else argv
+    if len(argv) < 2 or argv[1] not in BENCHMARKS:
+        got = argv[1] if len(argv) > 1 else "nothing"
+        raise SystemExit(f"usage: python -m emu_world.bench <benchmark> [key=value ...]; benchmarks: "
+                         f"{sorted(BENCHMARKS)} (got {got!r})")
+    name = argv.pop(1)
+
+    def entry(cfg: DictConfig) -> None:
+        summary = run_benchmark(name, cfg)
+        print(json.dumps(summary), flush=True)
+
+    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR / "bench"), config_name=name)(entry)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Image quality and codebook metrics shared by training, benchmarks and evaluation.
+
+PSNR and SSIM take uint8 frames (B, H, W, 3) and are computed on 0..255 values, per frame, then
+averaged over frames (the usual convention for video PSNR). SSIM is the standard Gaussian-window
+form (Wang et al. 2004: 11x11 window, sigma 1.5, K1=0.01, K2=0.03), per channel, averaged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _as_float(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(frames)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected uint8 frames (B, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+    return x.permute(0, 3, 1, 2).to(torch.float64)  # (B, 3, H, W)
+
+
+def psnr_per_frame(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(B,) PSNR in dB between two uint8 frame batches (identical frames give 100 dB, a cap)."""
+    x, y = _as_float(a), _as_float(b)
+    if x.shape != y.shape:
+        raise ValueError(f"frame batches differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+    mse = (x - y).pow(2).flatten(1).mean(1)
+    return torch.where(mse > 0, 10 * torch.log10(255.0**2 / mse.clamp_min(1e-12)), torch.full_like(mse, 100.0))
+
+
+def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    return float(psnr_per_frame(a, b).mean())
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return torch.outer(g, g)  # (size, size)
+
+
+def ssim_per_frame(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(B,) SSIM between two uint8 frame batches (valid-region Gaussian SSIM, channel mean)."""
+    x, y = _as_float(a), _as_float(b)
+    if x.shape != y.shape:
+        raise ValueError(f"frame batches differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+    C = x.shape[1]
+    w = _gaussian_window().to(x.dtype).expand(C, 1, 11, 11)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, w, groups=C)
+
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)
+
+
+def ssim(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, batch: int = 64) -> float:
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    vals = [ssim_per_frame(a[i: i + batch], b[i: i + batch]) for i in range(0, len(a), batch)]
+    return float(torch.cat(vals).mean())
+
+
+def code_usage(codes: np.ndarray | torch.Tensor, codebook_size: int) -> dict[str, float]:
+    """Fraction of the K codes used at least once, and the perplexity of the code histogram."""
+    c = torch.as_tensor(codes).reshape(-1).long()
+    counts = torch.bincount(c, minlength=codebook_size).double()
+    p = counts / counts.sum().clamp_min(1)
+    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+    return {"code_usage": float((counts > 0).double().mean()), "perplexity": math.exp(entropy),
+            "codes_used": int((counts > 0).sum())}

@@ -1,0 +1,544 @@
+"""IBQ vision tokenizer: frames <-> grids of discrete codes.
+
+    tok = VisionTokenizer.load("checkpoints/tokenizer")
+    codes = tok.encode(frames)        # (B, H, W, 3) uint8 -> (B, h, w) int64, h = H / f
+    frames = tok.decode(codes)        # (B, h, w) int64 -> (B, H, W, 3) uint8
+
+Every frame the world model reads or imagines passes through here: reconstruction quality caps
+subgoal quality, and ``tokens_per_frame`` sets the cost of every decoding step.
+
+References and departures:
+
+- Emu3.5 (arXiv 2510.26583) uses an IBQ tokenizer (Shi et al., "Taming Scalable Visual
+  Tokenizer via Index Backpropagation Quantization", arXiv 2412.02692) with f=16. IBQ picks the
+  code by argmax of code similarity but passes the gradient through the softmax over *all*
+  codes (straight-through one-hot: ``onehot - sg(softmax) + softmax``), so every code receives
+  gradient and the codebook does not collapse. We keep that, plus its commitment, "double"
+  quantisation and entropy terms.
+- Departure for CPU speed (see shared/FACTS.md): a taming-style encoder with full-resolution
+  blocks runs at ~15 frames/s on 2 cores at 128x128, so the encoder starts with a patchify stem
+  (a ``stem_stride`` x ``stem_stride`` stride conv) and runs residual blocks only at low
+  resolution; the decoder mirrors it and ends in a pixel-shuffle head. No attention blocks.
+- Codes are compared by cosine similarity (l2-normalised codes and latents, fixed logit scale),
+  which keeps the softmax well conditioned; training code initialises the codebook from encoder
+  outputs and restarts dead codes (:mod:`emu_world.train_tokenizer`).
+- Losses here are the quantiser's raw terms; the training stage weights them together with the
+  reconstruction terms (L1, L2, image-gradient, optional adversarial).
+
+Files: ``model.safetensors`` (weights, fp16 or fp32) + ``config.json`` (``TokenizerConfig`` and
+the identity string). :func:`load_tokenizer` also opens a real Emu3 vision tokenizer from a local
+folder (see :class:`Emu3VisionTokenizer`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+FORMAT_NAME = "emu_world.vision_tokenizer"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class TokenizerConfig:
+    """Architecture of the IBQ tokenizer (``configs/tokenizer/<name>.yaml``).
+
+    Downsampling ``f = stem_stride * 2 ** (len(channels) - 1)``: the stem patchifies by
+    ``stem_stride``, each further level halves the resolution. The code grid is
+    ``image_size / f`` on each side.
+    """
+
+    image_size: int = 128
+    stem_stride: int = 4
+    channels: list[int] = field(default_factory=lambda: [32, 96, 192])  # widths, highest resolution first
+    encoder_blocks: list[int] = field(default_factory=lambda: [0, 1, 1])  # residual blocks per level (same order)
+    decoder_blocks: list[int] = field(default_factory=lambda: [1, 1, 2])  # ... in the decoder (needs the capacity)
+    norm: str = "group"  # "group" (GroupNorm) or "none"
+    norm_groups: int = 8
+    code_dim: int = 32  # dimension of a code vector
+    codebook_size: int = 1024  # K
+    logit_scale: float = 10.0  # softmax temperature over cosine similarities (IBQ logits)
+
+    def __post_init__(self) -> None:
+        self.channels = [int(c) for c in self.channels]
+        if not self.channels:
+            raise ValueError("tokenizer.channels must list at least one width")
+        if self.stem_stride < 1:
+            raise ValueError(f"tokenizer.stem_stride must be >= 1, got {self.stem_stride}")
+        if self.image_size % self.downsample:
+            raise ValueError(
+                f"tokenizer.image_size={self.image_size} is not divisible by the downsampling factor "
+                f"f={self.downsample} (stem_stride {self.stem_stride} x 2^{len(self.channels) - 1}); "
+                "change image_size, stem_stride or the number of channel levels"
+            )
+        if self.norm not in ("group", "none"):
+            raise ValueError(f"tokenizer.norm must be 'group' or 'none', got {self.norm!r}")
+        if self.norm == "group" and any(c % self.norm_groups for c in self.channels):
+            raise ValueError(
+                f"tokenizer.channels {self.channels} must all be divisible by norm_groups={self.norm_groups}"
+            )
+        if self.codebook_size < 2:
+            raise ValueError(f"tokenizer.codebook_size must be >= 2, got {self.codebook_size}")
+        for name in ("encoder_blocks", "decoder_blocks"):
+            blocks = getattr(self, name)
+            blocks = [int(blocks)] * len(self.channels) if isinstance(blocks, int) else [int(b) for b in blocks]
+            if len(blocks) != len(self.channels) or min(blocks) < 0:
+                raise ValueError(
+                    f"tokenizer.{name}={blocks} must give a block count >= 0 for each of the "
+                    f"{len(self.channels)} levels in tokenizer.channels={self.channels}"
+                )
+            setattr(self, name, blocks)
+        if self.code_dim < 1:
+            raise ValueError(f"tokenizer.code_dim must be >= 1, got {self.code_dim}")
+
+    @property
+    def downsample(self) -> int:
+        return self.stem_stride * 2 ** (len(self.channels) - 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.downsample
+        return side, side
+
+    @property
+    def tokens_per_frame(self) -> int:
+        h, w = self.grid
+        return h * w
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TokenizerConfig":
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(data) - known)
+        if extra:
+            raise ValueError(f"TokenizerConfig: unknown key(s) {extra}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------- typed outputs
+
+
+@dataclass
+class QuantizerOutput:
+    z_q: torch.Tensor  # (B, D, h, w) quantised latents (straight-through)
+    codes: torch.Tensor  # (B, h, w) int64
+    commit_loss: torch.Tensor  # ||z - sg(z_q)||^2: pulls the encoder to its codes
+    quant_loss: torch.Tensor  # ||sg(z) - z_q||^2: pulls the codes (all of them, via the softmax) to z
+    entropy_loss: torch.Tensor  # mean per-token entropy - entropy of the batch-mean distribution
+    counts: torch.Tensor  # (K,) how often each code was picked in this batch (float)
+
+
+@dataclass
+class TokenizerOutput:
+    recon: torch.Tensor  # (B, 3, H, W) in [-1, 1] (not clamped)
+    z: torch.Tensor  # (B, D, h, w) encoder output, l2-normalised over D
+    quant: QuantizerOutput
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return self.quant.codes
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _norm(cfg: TokenizerConfig, channels: int) -> nn.Module:
+    return nn.GroupNorm(cfg.norm_groups, channels) if cfg.norm == "group" else nn.Identity()
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: x + conv(act(norm(conv(act(norm(x))))))."""
+
+    def __init__(self, cfg: TokenizerConfig, channels: int):
+        super().__init__()
+        self.norm1 = _norm(cfg, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = _norm(cfg, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) in [-1, 1] -> (B, D, H/f, W/f)."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        ch = cfg.channels
+        self.stem = nn.Conv2d(3, ch[0], cfg.stem_stride, stride=cfg.stem_stride)  # patchify
+        levels: list[nn.Module] = []
+        for i, c in enumerate(ch):
+            blocks: list[nn.Module] = [ResBlock(cfg, c) for _ in range(cfg.encoder_blocks[i])]
+            if i < len(ch) - 1:
+                blocks.append(nn.Conv2d(c, ch[i + 1], 2, stride=2))  # halve the resolution
+            levels.append(nn.Sequential(*blocks))
+        self.levels = nn.Sequential(*levels)
+        self.norm_out = _norm(cfg, ch[-1])
+        self.proj = nn.Conv2d(ch[-1], cfg.code_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.levels(self.stem(x))  # (B, C_last, h, w)
+        return self.proj(F.silu(self.norm_out(h)))  # (B, D, h, w)
+
+
+class Decoder(nn.Module):
+    """(B, D, h, w) -> (B, 3, H, W), mirroring the encoder; pixel-shuffle upsampling."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        ch = list(reversed(cfg.channels))  # lowest resolution first
+        n_blocks = list(reversed(cfg.decoder_blocks))
+        self.proj = nn.Conv2d(cfg.code_dim, ch[0], 3, padding=1)
+        levels: list[nn.Module] = []
+        for i, c in enumerate(ch):
+            blocks: list[nn.Module] = [ResBlock(cfg, c) for _ in range(n_blocks[i])]
+            if i < len(ch) - 1:
+                blocks += [nn.Conv2d(c, 4 * ch[i + 1], 1), nn.PixelShuffle(2)]  # double the resolution
+            levels.append(nn.Sequential(*blocks))
+        self.levels = nn.Sequential(*levels)
+        self.norm_out = _norm(cfg, ch[-1])
+        p = cfg.stem_stride
+        self.head = nn.Conv2d(ch[-1], 3 * p * p, 3, padding=1)
+        self.unpatchify = nn.PixelShuffle(p)
+
+    def forward(self, z_q: torch.Tensor) -> torch.Tensor:
+        h = self.levels(self.proj(z_q))  # (B, C_first, H/p, W/p)
+        return self.unpatchify(self.head(F.silu(self.norm_out(h))))  # (B, 3, H, W)
+
+
+class IBQuantizer(nn.Module):
+    """Index-backpropagation quantiser over a cosine-normalised codebook of K codes."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.logit_scale = float(cfg.logit_scale)
+        self.codebook = nn.Parameter(torch.randn(cfg.codebook_size, cfg.code_dim) / math.sqrt(cfg.code_dim))
+
+    def normalized_codebook(self) -> torch.Tensor:
+        return F.normalize(self.codebook, dim=-1)  # (K, D)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) int64 -> (B, D, h, w) code vectors."""
+        return F.embedding(codes, self.normalized_codebook()).permute(0, 3, 1, 2)
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) normalised latents -> (B, h, w) codes (argmax cosine similarity)."""
+        B, D, h, w = z.shape
+        sims = z.permute(0, 2, 3, 1).reshape(-1, D) @ self.normalized_codebook().T  # (B*h*w, K)
+        return sims.argmax(dim=-1).view(B, h, w)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        B, D, h, w = z.shape
+        K = self.codebook.shape[0]
+        zf = z.permute(0, 2, 3, 1).reshape(-1, D)  # (N, D), N = B*h*w
+        codebook = self.normalized_codebook()  # (K, D)
+        logits = self.logit_scale * (zf @ codebook.T)  # (N, K)
+        soft = logits.softmax(dim=-1)  # (N, K)
+        codes = logits.argmax(dim=-1)  # (N,)
+        hard = F.one_hot(codes, K).to(soft.dtype)  # (N, K)
+        index = hard - soft.detach() + soft  # value: one-hot; gradient: through the softmax (IBQ)
+        zq = index @ codebook  # (N, D): value codebook[codes]; every code gets gradient
+        commit = F.mse_loss(zf, zq.detach())
+        quant = F.mse_loss(zq, zf.detach())
+        log_soft = logits.log_softmax(dim=-1)
+        per_token_entropy = -(soft * log_soft).sum(-1).mean()
+        mean_prob = soft.mean(0)  # (K,)
+        batch_entropy = -(mean_prob * torch.log(mean_prob + 1e-10)).sum()
+        counts = torch.bincount(codes, minlength=K).to(torch.float32)
+        # straight-through to the encoder as well: z + (zq - z) has value zq, gradient to z and codes
+        z_q = zq.view(B, h, w, D).permute(0, 3, 1, 2)  # (B, D, h, w)
+        return QuantizerOutput(z_q, codes.view(B, h, w), commit, quant, per_token_entropy - batch_entropy, counts)
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+
+class ImageTokenizer(Protocol):
+    """What the rest of emu-world asks of a vision tokenizer (ours or a real Emu3 one)."""
+
+    codebook_size: int
+    image_size: int
+    grid: tuple[int, int]
+
+    def encode(self, frames: np.ndarray | torch.Tensor, batch_size: int = 64) -> torch.Tensor: ...
+
+    def decode(self, codes: np.ndarray | torch.Tensor, batch_size: int = 64) -> torch.Tensor: ...
+
+    def identity(self) -> str: ...
+
+
+def frames_to_tensor(frames: np.ndarray | torch.Tensor, image_size: int) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1], with a clear error for anything else."""
+    x = torch.as_tensor(frames)
+    if x.dtype != torch.uint8:
+        raise ValueError(f"frames must be uint8 (B, H, W, 3) in 0..255, got dtype {x.dtype}")
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"frames must have shape (B, H, W, 3), got {tuple(x.shape)}")
+    if tuple(x.shape[1:3]) != (image_size, image_size):
+        raise ValueError(
+            f"frames are {x.shape[1]}x{x.shape[2]} but the tokenizer reads {image_size}x{image_size}; "
+            f"record/resize frames to {image_size}x{image_size} or use a tokenizer trained at that size"
+        )
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, 3, H, W)
+
+
+def tensor_to_frames(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8 (rounded, clamped)."""
+    return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+class VisionTokenizer(nn.Module):
+    """IBQ tokenizer: ``encode`` frames to code grids, ``decode`` code grids to frames."""
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = IBQuantizer(config)
+        self.decoder = Decoder(config)
+
+    # -- shape facts -----------------------------------------------------------------------
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.config.grid
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.config.tokens_per_frame
+
+    # -- training path ---------------------------------------------------------------------
+    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, D, h, w), l2-normalised over D."""
+        return F.normalize(self.encoder(x), dim=1)
+
+    def forward(self, x: torch.Tensor) -> TokenizerOutput:
+        """(B, 3, H, W) in [-1, 1] -> reconstruction, latents and the quantiser's terms."""
+        z = self.encode_latents(x)  # (B, D, h, w)
+        quant = self.quantizer(z)
+        return TokenizerOutput(self.decoder(quant.z_q), z, quant)
+
+    # -- inference path --------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, frames: np.ndarray | torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """(B, H, W, 3) uint8 frames -> (B, h, w) int64 codes."""
+        x = frames_to_tensor(frames, self.image_size)
+        out = [self.quantizer.nearest(self.encode_latents(chunk.contiguous(memory_format=torch.channels_last)))
+               for chunk in x.split(batch_size)]
+        return torch.cat(out) if out else torch.zeros((0, *self.grid), dtype=torch.int64)
+
+    @torch.inference_mode()
+    def decode(self, codes: np.ndarray | torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """(B, h, w) integer codes -> (B, H, W, 3) uint8 frames."""
+        c = torch.as_tensor(codes)
+        if c.ndim != 3 or tuple(c.shape[1:]) != self.grid:
+            raise ValueError(f"codes must have shape (B, {self.grid[0]}, {self.grid[1]}), got {tuple(c.shape)}")
+        if c.dtype.is_floating_point or c.dtype == torch.bool:
+            raise ValueError(f"codes must be integers, got dtype {c.dtype}")
+        c = c.long()
+        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= self.codebook_size):
+            raise ValueError(
+                f"codes must lie in 0..{self.codebook_size - 1}, got range {int(c.min())}..{int(c.max())}; "
+                "were they produced by another tokenizer?"
+            )
+        out = [tensor_to_frames(self.decoder(self.quantizer.lookup(chunk))) for chunk in c.split(batch_size)]
+        H = self.image_size
+        return torch.cat(out) if out else torch.zeros((0, H, H, 3), dtype=torch.uint8)
+
+    # -- files -----------------------------------------------------------------------------
+    def identity(self) -> str:
+        """A stable id of config + weights, usable as a token-store key (``ibq-f16-k1024-<hash>``)."""
+        return state_identity(self.config, self.state_dict())
+
+    def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` into the folder ``path`` (replaced whole, atomically).
+
+        With ``dtype=torch.float16`` the weights are stored rounded; the identity written to
+        ``config.json`` is the one the loaded model reports (of the rounded weights).
+        """
+        path = Path(path)
+        tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
+        identity = state_identity(self.config, {k: v.float() for k, v in tensors.items()})
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
+                "identity": identity, "dtype": str(dtype).removeprefix("torch."),
+                "tokens_per_frame": self.tokens_per_frame, "grid": list(self.grid)}
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        replace_dir(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, config: TokenizerConfig | None = None) -> "VisionTokenizer":
+        """Load a folder written by :meth:`save`. ``config``, if given, must match the saved one."""
+        path = Path(path)
+        meta = read_tokenizer_meta(path)
+        if meta.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path / CONFIG_FILE} is not an emu_world vision tokenizer (format {meta.get('format')!r})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: tokenizer format version {meta.get('format_version')} != {FORMAT_VERSION}")
+        saved = TokenizerConfig.from_dict(meta["config"])
+        if config is not None:
+            check_config_match(config, saved, str(path))
+        model = cls(saved)
+        state = load_file(str(path / WEIGHTS_FILE))
+        load_state_checked(model, state, str(path / WEIGHTS_FILE))
+        return model.eval()
+
+
+def state_identity(config: TokenizerConfig, state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return f"ibq-f{config.downsample}-k{config.codebook_size}-{digest.hexdigest()[:16]}"
+
+
+def read_tokenizer_meta(path: Path) -> dict[str, Any]:
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(
+            f"{path} is not a tokenizer folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE}. Train one with "
+            "`python -m emu_world.train stage=tokenizer dataset.root=...` or pass the folder that holds them."
+        )
+    return json.loads((path / CONFIG_FILE).read_text())
+
+
+def check_config_match(expected: TokenizerConfig, saved: TokenizerConfig, where: str) -> None:
+    """Raise a ValueError naming every field where ``saved`` (a checkpoint) differs from ``expected``."""
+    a, b = expected.to_dict(), saved.to_dict()
+    diff = {k: (a[k], b[k]) for k in a if a[k] != b.get(k)}
+    if diff:
+        listed = ", ".join(f"{k}: config {v[0]!r} vs checkpoint {v[1]!r}" for k, v in sorted(diff.items()))
+        raise ValueError(
+            f"checkpoint {where} was trained with a different tokenizer config ({listed}). Use the matching "
+            "config (e.g. tokenizer=<the yaml it was trained with> or these overrides), or start a fresh run "
+            "in another run_dir."
+        )
+
+
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        raise ValueError(
+            f"weights in {where} do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatches {bad[:5]}); the checkpoint was written for another config"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete folder ``tmp`` to ``final``, replacing any previous ``final``."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+# ----------------------------------------------------------------------------- a real Emu3 tokenizer
+
+
+class Emu3VisionTokenizer:
+    """A real Emu3 vision tokenizer (SBER-MoVQGAN-style, f=8, K=32768) from a local folder.
+
+    The folder must hold a transformers ``Emu3VQVAE`` checkpoint: ``config.json`` with
+    ``"model_type": "emu3_vqgan"`` and its safetensors weights (for example the ``vqmodel``
+    sub-model of a ``BAAI/Emu3-*-hf`` checkpoint saved with ``save_pretrained``). Nothing is
+    downloaded. It is far too slow for CPU training loops (a full-resolution taming-style
+    network with attention); it is here to compare reconstruction quality and to run the
+    same pipeline with real weights on bigger machines.
+
+    Emu3.5's own IBQ tokenizer (f=16, 131072 codes) is not loadable: its weights ship as a
+    taming/Lightning checkpoint of an architecture that transformers does not implement, and
+    loading it would mean unpickling it; this project loads no pickles.
+    """
+
+    def __init__(self, path: str | Path, image_size: int = 128):
+        from transformers import Emu3VQVAE
+
+        self.path = Path(path)
+        self.model = Emu3VQVAE.from_pretrained(str(self.path), local_files_only=True).eval()
+        self.factor = int(self.model.vision_spatial_factor)
+        if image_size % self.factor:
+            raise ValueError(f"image_size {image_size} must be divisible by the Emu3 spatial factor {self.factor}")
+        self.image_size = image_size
+        self.codebook_size = int(self.model.config.codebook_size)
+        self.grid = (image_size // self.factor, image_size // self.factor)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @torch.inference_mode()
+    def encode(self, frames: np.ndarray | torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        x = frames_to_tensor(frames, self.image_size)
+        out = []
+        for chunk in x.split(batch_size):
+            sizes = torch.tensor([[self.image_size, self.image_size]] * len(chunk))
+            out.append(torch.stack(self.model.encode(chunk, sizes)).long())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def decode(self, codes: np.ndarray | torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        c = torch.as_tensor(codes).long()
+        return torch.cat([tensor_to_frames(self.model.decode(chunk)) for chunk in c.split(batch_size)])
+
+    def identity(self) -> str:
+        digest = hashlib.sha256((self.path / "config.json").read_bytes())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+        return f"emu3-f{self.factor}-k{self.codebook_size}-{digest.hexdigest()[:16]}"
+
+
+def load_tokenizer(path: str | Path, image_size: int = 128) -> ImageTokenizer:
+    """Open a tokenizer folder: ours (``emu_world.vision_tokenizer``) or a local Emu3 VQ-VAE."""
+    path = Path(path)
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(
+            f"no {CONFIG_FILE} in {path}: pass a folder written by `python -m emu_world.train stage=tokenizer` "
+            "(model.safetensors + config.json) or a local Emu3 VQ-VAE folder (config.json model_type emu3_vqgan)"
+        )
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("format") == FORMAT_NAME:
+        return VisionTokenizer.load(path)
+    if meta.get("model_type") == "emu3_vqgan":
+        return Emu3VisionTokenizer(path, image_size=image_size)
+    raise ValueError(
+        f"{cfg_path} describes neither an emu_world tokenizer (format {FORMAT_NAME!r}) nor an Emu3 VQ-VAE "
+        f"(model_type 'emu3_vqgan'); got format={meta.get('format')!r}, model_type={meta.get('model_type')!r}"
+    )

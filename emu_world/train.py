@@ -1,0 +1,46 @@
+"""Training entry point for every stage: ``python -m emu_world.train stage=<stage> ...``.
+
+    python -m emu_world.train stage=tokenizer dataset.root=datasets
+    python -m emu_world.train stage=tokenizer dataset.root=datasets experiment=tiny
+    torchrun --nproc_per_node=2 -m emu_world.train stage=tokenizer dataset.root=datasets
+    python -m emu_world.train stage=tokenizer ... resume=true
+
+Composes ``configs/train.yaml`` and hands it to the stage's module, which owns its explicit
+loop (``emu_world.train_<stage>.run(cfg)``); stage-independent pieces live in
+:mod:`emu_world.training`. Checkpoints and ``metrics.jsonl`` go to ``run_dir``; the run ends
+by printing a one-line JSON summary.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import hydra
+from omegaconf import DictConfig
+
+from emu_world.config import CONFIG_DIR
+
+# stage name -> module with run(cfg) -> result with .summary(); later stages add world_model, dida, policy
+STAGES = {
+    "tokenizer": "emu_world.train_tokenizer",
+}
+
+
+def run_stage(cfg: DictConfig):
+    stage = str(cfg.stage)
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage={stage!r}; available stages: {sorted(STAGES)}")
+    return importlib.import_module(STAGES[stage]).run(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> None:
+    result = run_stage(cfg)
+    summary = result.summary()
+    if summary.get("export_dir") is not None or result.final_metrics is None:
+        print(json.dumps(summary, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()

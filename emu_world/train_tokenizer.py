@@ -1,0 +1,581 @@
+"""Training stage ``tokenizer``: the IBQ vision tokenizer on frames of local LeRobot datasets.
+
+    python -m emu_world.train stage=tokenizer dataset.root=datasets [tokenizer=default] [experiment=tiny]
+    torchrun --nproc_per_node=2 -m emu_world.train stage=tokenizer dataset.root=datasets
+    python -m emu_world.train stage=tokenizer ... resume=true     # continue exactly after an interruption
+
+Data: ``dataset.root`` is one dataset folder, a folder of dataset folders (``datasets``), or a
+list of either; every camera (or ``dataset.cameras``) of every dataset is used. The last
+``dataset.eval_episodes`` episodes of each dataset are held out for evaluation. Each dataset
+and camera contributes about ``dataset.frames_per_dataset`` training frames (every k-th frame
+of its training episodes), so short-episode tasks are not drowned by long ones; all of them
+are decoded once into memory (uint8).
+
+Loop (explicit, one function per piece): ``train_step`` (reconstruction L1 + L2 + image-gradient
+loss, IBQ commitment / quantisation / entropy terms, optional hinge adversarial term after
+``tokenizer_loss.adversarial_start``), ``restart_dead_codes`` (codes whose running usage falls
+below a fraction of the mean are moved onto random encoder outputs, until
+``restart_until`` of training), ``evaluate`` (held-out PSNR, code usage), ``save_checkpoint``
+(atomic, exact resume) and ``export`` (the tokenizer folder plus ``manifest.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from emu_world.config import to_dataclass
+from emu_world.image_metrics import code_usage, psnr
+from emu_world.tokenizer import TokenizerConfig, VisionTokenizer, check_config_match, frames_to_tensor
+from emu_world.training import (
+    DistInfo, MetricLogger, all_reduce_mean, all_reduce_sum, average_gradients, batch_indices, broadcast_,
+    code_version, command_line, cosine_lr, find_checkpoint, init_distributed, load_checkpoint,
+    read_checkpoint_meta, save_checkpoint, set_lr, teardown_distributed,
+)
+
+
+@dataclass
+class FrameDataConfig:
+    """``dataset:`` section of ``configs/train.yaml``."""
+
+    root: Any = "datasets"  # a dataset folder, a folder of datasets, or a list of them
+    cameras: list[str] | None = None  # None: every camera of every dataset
+    frames_per_dataset: int = 6000  # training frames taken from each (dataset, camera)
+    eval_episodes: int = 2  # the last N episodes of each dataset are held out
+    eval_frames: int = 256  # held-out frames per (dataset, camera) used by `evaluate`
+
+    def __post_init__(self) -> None:
+        if self.frames_per_dataset < 1 or self.eval_episodes < 1 or self.eval_frames < 1:
+            raise ValueError("dataset.frames_per_dataset, eval_episodes and eval_frames must be positive")
+
+    @property
+    def roots(self) -> list[Path]:
+        items = self.root if isinstance(self.root, (list, tuple)) else [self.root]
+        if not items:
+            raise ValueError("dataset.root is empty; give a dataset folder or a folder of datasets")
+        return [Path(str(r)) for r in items]
+
+
+@dataclass
+class LoopConfig:
+    """``train:`` section: stage-independent loop settings."""
+
+    steps: int = 3000
+    batch_size: int = 32  # global batch (split over torchrun ranks)
+    lr: float = 2e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    threads: int = 2  # torch threads in total (divided among ranks)
+    log_every: int = 25
+    eval_every: int = 500
+    save_every: int = 200
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this process
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"train.steps and train.batch_size must be positive, got {self.steps}, {self.batch_size}")
+        if self.threads < 1:
+            raise ValueError(f"train.threads must be >= 1, got {self.threads}")
+
+
+@dataclass
+class TokenizerLossConfig:
+    """``tokenizer_loss:`` section: loss weights and codebook maintenance."""
+
+    l1: float = 1.0
+    l2: float = 1.0
+    gradient: float = 0.5  # L1 between image gradients (finite differences): sharp edges, no pretrained net
+    commit: float = 0.25
+    quant: float = 1.0
+    entropy: float = 0.05
+    adversarial: float = 0.0  # hinge GAN weight; 0 disables the discriminator
+    adversarial_start: int = 2000
+    restart_every: int = 50  # dead-code restart period (steps); 0 disables
+    restart_until: float = 0.8  # ... up to this fraction of train.steps
+    restart_threshold: float = 0.03  # dead: running usage below this fraction of the mean usage
+    usage_decay: float = 0.95  # EMA decay of per-code usage counts
+
+
+@dataclass
+class ExportConfig:
+    """``export:`` section: where the finished tokenizer is written (``null``: ``<run_dir>/tokenizer``)."""
+
+    dir: str | None = None
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "float32", "bfloat16"):
+            raise ValueError(f"export.dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class FrameSet:
+    """Frames of one (dataset, camera): training frames and held-out frames, uint8 (N, H, W, 3)."""
+
+    root: str
+    camera: str
+    env: str
+    train: np.ndarray
+    held_out: np.ndarray
+    train_episodes: int
+    held_out_episodes: list[int]
+    stride: int
+
+    @property
+    def name(self) -> str:
+        short = self.camera.removeprefix("observation.images.")
+        return f"{self.env or Path(self.root).name}/{short}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"root": self.root, "camera": self.camera, "env": self.env, "train_episodes": self.train_episodes,
+                "held_out_episodes": self.held_out_episodes, "train_frames": int(len(self.train)),
+                "held_out_frames": int(len(self.held_out)), "frame_stride": self.stride}
+
+
+def resolve_roots(roots: list[Path]) -> list[Path]:
+    """Expand folders of datasets into dataset folders (those holding ``meta/info.json``)."""
+    out: list[Path] = []
+    for root in roots:
+        if (root / "meta" / "info.json").is_file():
+            out.append(root)
+            continue
+        found = sorted(p.parent.parent for p in root.glob("*/meta/info.json"))
+        if not found:
+            raise FileNotFoundError(
+                f"dataset.root {root} is neither a LeRobot dataset (no meta/info.json) nor a folder of datasets. "
+                "Record one with `python -m emu_world.record env=<task> dataset.root=datasets/<task>`."
+            )
+        out.extend(found)
+    return out
+
+
+def decode_episode_frames(ds, key: str, episodes: list[int], stride: int) -> list[np.ndarray]:
+    """Frames ``0, stride, 2*stride, ...`` of each episode for camera ``key``: uint8 (T_i, H, W, 3).
+
+    Decodes each video file once, sequentially (thousands of frames/s with PyAV), instead of
+    seeking per episode; it reads the same frames as ``RobotDataset.episode``.
+    """
+    import av
+
+    meta = ds._episodes_meta
+    info, fps = ds.info, ds.fps
+    if ds.features[key]["dtype"] != "video":
+        return [ds.episode(e, cameras=[key]).frames[key][::stride] for e in episodes]
+    wanted: dict[tuple[int, int], dict[int, tuple[int, int]]] = {}  # file -> frame index in file -> (episode, slot)
+    lengths: dict[int, int] = {}
+    for e in episodes:
+        m = meta[e]
+        length = int(m["dataset_to_index"]) - int(m["dataset_from_index"])
+        first = int(round(float(m[f"videos/{key}/from_timestamp"]) * fps))
+        picks = list(range(0, length, stride))
+        lengths[e] = len(picks)
+        file = (int(m[f"videos/{key}/chunk_index"]), int(m[f"videos/{key}/file_index"]))
+        for slot, t in enumerate(picks):
+            wanted.setdefault(file, {})[first + t] = (e, slot)
+    out: dict[int, list[np.ndarray | None]] = {e: [None] * lengths[e] for e in episodes}
+    for (chunk, file_index), picks in wanted.items():
+        path = ds.root / info["video_path"].format(video_key=key, chunk_index=chunk, file_index=file_index)
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                idx = int(round(float(frame.pts * stream.time_base) * fps))
+                if idx in picks:
+                    e, slot = picks[idx]
+                    out[e][slot] = frame.to_ndarray(format="rgb24")
+    result = []
+    for e in episodes:
+        missing = sum(f is None for f in out[e])
+        if missing:
+            raise ValueError(f"{ds.root}: {missing} frames of episode {e} ({key}) are missing from the video; "
+                             "the dataset is damaged: re-record it")
+        result.append(np.stack(out[e]))  # (T_e, H, W, 3)
+    return result
+
+
+def load_frame_sets(cfg: FrameDataConfig, image_size: int, log=print) -> list[FrameSet]:
+    """Decode training and held-out frames of every (dataset, camera)."""
+    from emu_world.data.robot_dataset import RobotDataset
+
+    sets: list[FrameSet] = []
+    for root in resolve_roots(cfg.roots):
+        ds = RobotDataset(root, cameras=cfg.cameras, check_videos=False)
+        n = ds.num_episodes
+        if n <= cfg.eval_episodes:
+            raise ValueError(
+                f"{root} has {n} episodes; holding out dataset.eval_episodes={cfg.eval_episodes} leaves none to "
+                "train on. Record more episodes or lower dataset.eval_episodes."
+            )
+        train_eps, held_eps = list(range(n - cfg.eval_episodes)), list(range(n - cfg.eval_episodes, n))
+        meta = ds._episodes_meta
+        train_len = sum(int(meta[e]["dataset_to_index"]) - int(meta[e]["dataset_from_index"]) for e in train_eps)
+        stride = max(1, math.ceil(train_len / cfg.frames_per_dataset))
+        env = str(ds.provenance.get("env", ""))
+        for key in ds.camera_keys:
+            shape = tuple(ds.features[key]["shape"])
+            hw = shape[:2] if shape[-1] == 3 else shape[1:]
+            if tuple(hw) != (image_size, image_size):
+                raise ValueError(
+                    f"{root} camera {key} has {hw[0]}x{hw[1]} frames but tokenizer.image_size={image_size}; "
+                    f"set tokenizer.image_size={hw[0]} (and a matching stem) or record at {image_size}x{image_size}"
+                )
+            t0 = time.perf_counter()
+            train = np.concatenate(decode_episode_frames(ds, key, train_eps, stride))
+            held = np.concatenate(decode_episode_frames(ds, key, held_eps, 1))
+            pick = np.linspace(0, len(held) - 1, min(cfg.eval_frames, len(held))).round().astype(int)
+            fs = FrameSet(str(root), key, env, train, held[pick], len(train_eps), held_eps, stride)
+            log(f"data {fs.name}: {len(train)} training frames (stride {stride}, {len(train_eps)} episodes), "
+                f"{len(pick)} held-out frames from episodes {held_eps}, decoded in {time.perf_counter() - t0:.1f}s")
+            sets.append(fs)
+    return sets
+
+
+# ----------------------------------------------------------------------------- model pieces
+
+
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN critic (hinge loss) for the optional adversarial term."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.GroupNorm(8, 2 * width), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * width, 4 * width, 4, 2, 1), nn.GroupNorm(8, 4 * width), nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * width, 1, 3, 1, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, 1, H/8, W/8) logits
+
+
+def gradient_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between horizontal and vertical finite differences of two (B, C, H, W) images."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return (dx(pred) - dx(target)).abs().mean() + (dy(pred) - dy(target)).abs().mean()
+
+
+@dataclass
+class StepResult:
+    logs: dict[str, float]
+    counts: torch.Tensor  # (K,) code counts of the global batch
+    z: torch.Tensor  # (B, D, h, w) latents of this rank's batch (for restarts)
+
+
+def train_step(model: VisionTokenizer, opt: torch.optim.Optimizer, x: torch.Tensor, step: int,
+               loss_cfg: TokenizerLossConfig, loop: LoopConfig, info: DistInfo,
+               disc: PatchDiscriminator | None = None, opt_d: torch.optim.Optimizer | None = None) -> StepResult:
+    """One optimisation step on this rank's share ``x`` (B, 3, H, W) of the global batch."""
+    model.train()
+    out = model(x)
+    q = out.quant
+    rec = out.recon
+    terms = {
+        "l1": (rec - x).abs().mean(),
+        "l2": (rec - x).pow(2).mean(),
+        "gradient": gradient_loss(rec, x),
+        "commit": q.commit_loss,
+        "quant": q.quant_loss,
+        "entropy": q.entropy_loss,
+    }
+    loss = sum(getattr(loss_cfg, k) * v for k, v in terms.items())
+    adversarial = disc is not None and step >= loss_cfg.adversarial_start
+    if adversarial:
+        terms["g_adv"] = -disc(rec).mean()
+        loss = loss + loss_cfg.adversarial * terms["g_adv"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(model, info)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip) if loop.grad_clip > 0 else torch.tensor(0.0)
+    opt.step()
+    if adversarial:
+        assert opt_d is not None
+        opt_d.zero_grad(set_to_none=True)
+        d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec.detach())).mean()
+        d_loss.backward()
+        average_gradients(disc, info)
+        opt_d.step()
+        terms["d_loss"] = d_loss
+    logs = {k: v.detach() for k, v in terms.items()}
+    logs["loss"] = loss.detach()
+    stacked = all_reduce_mean(torch.stack([logs[k].float() for k in sorted(logs)]), info)
+    logs_f = {k: float(v) for k, v in zip(sorted(logs), stacked)}
+    logs_f["grad_norm"] = float(grad_norm)
+    counts = all_reduce_sum(q.counts.clone(), info)
+    p = counts / counts.sum()
+    logs_f["batch_perplexity"] = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    return StepResult(logs_f, counts, out.z.detach())
+
+
+def init_codebook(model: VisionTokenizer, x: torch.Tensor, seed: int, info: DistInfo) -> None:
+    """Set the codebook to random encoder outputs of a batch (chosen on rank 0, broadcast)."""
+    with torch.no_grad():
+        z = model.encode_latents(x)  # (B, D, h, w)
+        zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (N, D)
+        K = model.codebook_size
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+        pick = torch.randperm(len(zf), generator=g)[:K] if len(zf) >= K else torch.randint(len(zf), (K,), generator=g)
+        noise = 0.05 * torch.randn(K, zf.shape[1], generator=g)
+        model.quantizer.codebook.copy_(zf[pick] + noise)
+        broadcast_(model.quantizer.codebook.data, info)
+
+
+def restart_dead_codes(model: VisionTokenizer, opt: torch.optim.Optimizer, usage: torch.Tensor, z: torch.Tensor,
+                       step: int, seed: int, loss_cfg: TokenizerLossConfig, info: DistInfo) -> int:
+    """Move codes whose running usage is below ``restart_threshold`` x mean onto random latents of
+    this batch (rank 0's, broadcast); reset their Adam moments and give them the mean usage."""
+    mean = usage.mean()
+    dead = usage < loss_cfg.restart_threshold * mean
+    n = int(dead.sum())
+    if n == 0:
+        return 0
+    cb = model.quantizer.codebook
+    with torch.no_grad():
+        zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (N, D)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        pick = torch.randint(len(zf), (n,), generator=g)
+        cb[dead] = zf[pick] + 0.05 * torch.randn(n, zf.shape[1], generator=g)
+        broadcast_(cb.data, info)
+        state = opt.state.get(cb, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][dead] = 0.0
+    usage[dead] = mean
+    return n
+
+
+@torch.no_grad()
+def evaluate(model: VisionTokenizer, sets: list[FrameSet], batch_size: int = 64) -> dict[str, Any]:
+    """Held-out PSNR per (dataset, camera) and overall, and code usage over all held-out frames."""
+    model.eval()
+    all_codes, per_set = [], {}
+    for fs in sets:
+        codes = model.encode(fs.held_out, batch_size)
+        recon = model.decode(codes, batch_size)
+        per_set[fs.name] = round(psnr(fs.held_out, recon), 3)
+        all_codes.append(codes)
+    usage = code_usage(torch.cat(all_codes), model.codebook_size)
+    return {"psnr": round(float(np.mean(list(per_set.values()))), 3), "psnr_per_set": per_set,
+            "code_usage": round(usage["code_usage"], 4), "perplexity": round(usage["perplexity"], 1)}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    history: list[dict[str, float]]  # one record per step run in this process: step, lr, losses
+    final_metrics: dict[str, Any] | None  # held-out evaluation at the end (None when stopped early)
+    export_dir: Path | None
+    train_seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {"stage": "tokenizer", "run_dir": str(self.run_dir), "step": self.step,
+                "train_seconds": round(self.train_seconds, 1), "export_dir": str(self.export_dir) if self.export_dir else None,
+                **(self.final_metrics or {})}
+
+
+@dataclass
+class Parts:
+    tokenizer: TokenizerConfig
+    data: FrameDataConfig
+    loop: LoopConfig
+    loss: TokenizerLossConfig
+    export: ExportConfig
+
+
+def parse_config(cfg: DictConfig) -> Parts:
+    return Parts(to_dataclass(TokenizerConfig, cfg.tokenizer), to_dataclass(FrameDataConfig, cfg.dataset),
+                 to_dataclass(LoopConfig, cfg.train), to_dataclass(TokenizerLossConfig, cfg.tokenizer_loss),
+                 to_dataclass(ExportConfig, cfg.export))
+
+
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any], where: Path) -> list[str]:
+    """Reject a checkpoint of another tokenizer architecture; list other differing settings."""
+    check_config_match(TokenizerConfig.from_dict(current["tokenizer"]), TokenizerConfig.from_dict(saved["tokenizer"]),
+                       str(where))
+    ignore = {"resume", "overwrite", "train.stop_after", "train.log_every", "train.eval_every", "train.save_every"}
+    diffs = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        elif a != b and prefix not in ignore:
+            diffs.append(f"{prefix}: checkpoint {b!r} vs now {a!r}")
+
+    walk({k: v for k, v in current.items() if k != "tokenizer"}, {k: v for k, v in saved.items() if k != "tokenizer"}, "")
+    return diffs
+
+
+def to_input(frames: torch.Tensor, image_size: int) -> torch.Tensor:
+    return frames_to_tensor(frames, image_size).contiguous(memory_format=torch.channels_last)
+
+
+def run(cfg: DictConfig) -> TrainResult:
+    """Train (or resume) the tokenizer described by the composed ``configs/train.yaml``."""
+    parts = parse_config(cfg)
+    info = init_distributed(parts.loop.threads)
+    try:
+        return _run(cfg, parts, info)
+    finally:
+        teardown_distributed()
+
+
+def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
+    tok_cfg, loop, loss_cfg = parts.tokenizer, parts.loop, parts.loss
+    log = print if info.is_main else (lambda *a, **k: None)
+    seed = int(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    if loop.batch_size % info.world_size:
+        raise ValueError(f"train.batch_size={loop.batch_size} must be divisible by the {info.world_size} torchrun ranks")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    ckpt_path = find_checkpoint(run_dir)
+    if ckpt_path is not None and not cfg.resume and not cfg.overwrite:
+        raise FileExistsError(
+            f"{run_dir} already holds a checkpoint (step {read_checkpoint_meta(ckpt_path)['step']}). Pass resume=true "
+            "to continue it, overwrite=true to start over there, or choose another run_dir=..."
+        )
+    if cfg.resume and ckpt_path is None:
+        raise FileNotFoundError(f"resume=true but {run_dir} holds no checkpoint; drop resume=true to start a new run")
+    resuming = bool(cfg.resume)
+    if resuming:
+        diffs = check_resume_config(read_checkpoint_meta(ckpt_path)["config"], resolved, ckpt_path)
+        if diffs:
+            log("warning: resuming with settings that differ from the checkpoint (the loss curve will differ): "
+                + "; ".join(diffs))
+
+    torch.manual_seed(seed)
+    t_data = time.perf_counter()
+    sets = load_frame_sets(parts.data, tok_cfg.image_size, log=log)
+    train_frames = torch.from_numpy(np.concatenate([fs.train for fs in sets]))  # (N, H, W, 3) uint8
+    data_seconds = time.perf_counter() - t_data
+    log(f"data: {len(train_frames)} training frames from {len(sets)} (dataset, camera) pairs in {data_seconds:.1f}s")
+
+    model = VisionTokenizer(tok_cfg).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay)
+    disc = PatchDiscriminator() if loss_cfg.adversarial > 0 else None
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=loop.lr, betas=(0.5, 0.9)) if disc is not None else None
+    models: dict[str, nn.Module] = {"model": model, **({"discriminator": disc} if disc is not None else {})}
+    optims = {"model": opt, **({"discriminator": opt_d} if opt_d is not None else {})}
+    usage = torch.zeros(tok_cfg.codebook_size)
+    step, train_seconds = 0, 0.0
+    if resuming:
+        loaded = load_checkpoint(ckpt_path, models, optims)
+        step, train_seconds = loaded.step, float(loaded.state.get("train_seconds", 0.0))
+        usage = loaded.extra_tensors["usage"].clone()
+        log(f"resumed from {ckpt_path} at step {step}")
+    else:
+        first = batch_indices(0, loop.batch_size, len(train_frames), seed)[info.rank:: info.world_size]
+        init_codebook(model, to_input(train_frames[first], tok_cfg.image_size), seed, info)
+
+    logger = MetricLogger(run_dir, info.is_main, truncate_after_step=step if resuming else None)
+    if info.is_main and not resuming:
+        logger.path.unlink(missing_ok=True)
+
+    def checkpoint() -> None:
+        if info.is_main:
+            save_checkpoint(run_dir, models, optims, step, {"train_seconds": train_seconds}, resolved,
+                            extra_tensors={"usage": usage})
+
+    history: list[dict[str, float]] = []
+    start_step = step
+    restart_until = int(loss_cfg.restart_until * loop.steps)
+    t_last = time.perf_counter()
+    while step < loop.steps:
+        t0 = time.perf_counter()
+        idx = batch_indices(step, loop.batch_size, len(train_frames), seed)[info.rank:: info.world_size]
+        x = to_input(train_frames[idx], tok_cfg.image_size)
+        lr = cosine_lr(step, loop.steps, loop.lr, loop.warmup_steps, loop.min_lr_ratio)
+        set_lr(opt, lr)
+        if opt_d is not None:
+            set_lr(opt_d, lr)
+        result = train_step(model, opt, x, step, loss_cfg, loop, info, disc, opt_d)
+        usage.mul_(loss_cfg.usage_decay).add_(result.counts, alpha=1 - loss_cfg.usage_decay)
+        restarted = 0
+        if loss_cfg.restart_every > 0 and (step + 1) % loss_cfg.restart_every == 0 and step + 1 <= restart_until:
+            restarted = restart_dead_codes(model, opt, usage, result.z, step, seed, loss_cfg, info)
+        step += 1
+        train_seconds += time.perf_counter() - t0
+        record = {"step": step, "lr": lr, **result.logs, "restarted": restarted}
+        history.append(record)
+        if step % loop.log_every == 0 or step == loop.steps:
+            record["running_usage"] = float((usage > loss_cfg.restart_threshold * usage.mean()).float().mean())
+            record["sec_per_step"] = (time.perf_counter() - t_last) / loop.log_every
+            record["train_seconds"] = train_seconds
+            t_last = time.perf_counter()
+            logger.log({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()})
+        if loop.eval_every > 0 and step % loop.eval_every == 0 and step < loop.steps and info.is_main:
+            logger.log({"step": step, "eval": evaluate(model, sets)})
+        stopping = loop.stop_after is not None and step - start_step >= loop.stop_after and step < loop.steps
+        if step % loop.save_every == 0 or step == loop.steps or stopping:
+            checkpoint()
+        if stopping:
+            log(f"stopping after {loop.stop_after} steps at step {step} (train.stop_after); resume=true continues")
+            return TrainResult(run_dir, step, history, None, None, train_seconds)
+
+    final = export_dir = None
+    if info.is_main:
+        final = evaluate(model, sets)
+        logger.log({"step": step, "eval": final, "train_seconds": round(train_seconds, 1)})
+        export_dir = export(model, parts, sets, resolved, final, train_seconds, data_seconds, info,
+                            Path(parts.export.dir) if parts.export.dir else run_dir / "tokenizer")
+        final = json.loads((export_dir / "manifest.json").read_text())["metrics"]
+    return TrainResult(run_dir, step, history, final, export_dir, train_seconds)
+
+
+def export(model: VisionTokenizer, parts: Parts, sets: list[FrameSet], resolved: dict[str, Any],
+           metrics_fp32: dict[str, Any], train_seconds: float, data_seconds: float, info: DistInfo,
+           out: Path) -> Path:
+    """Write the tokenizer folder (weights in ``export.dtype``) and its ``manifest.json``."""
+    dtype = getattr(torch, parts.export.dtype)
+    model.save(out, dtype=dtype)
+    shipped = VisionTokenizer.load(out)
+    metrics = evaluate(shipped, sets)  # of the file as stored (fp16 rounding included)
+    manifest = {
+        "command": command_line("emu_world.train"),
+        "code_version": code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "identity": shipped.identity(),
+        "tokens_per_frame": shipped.tokens_per_frame,
+        "grid": list(shipped.grid),
+        "config": resolved,
+        "data": [fs.describe() for fs in sets],
+        "metrics": metrics,
+        "metrics_fp32": metrics_fp32,
+        "train_seconds": round(train_seconds, 1),
+        "data_seconds": round(data_seconds, 1),
+        "world_size": info.world_size,
+        "torch_threads_per_rank": torch.get_num_threads(),
+        "parameters": sum(p.numel() for p in shipped.parameters()),
+        "weights_bytes": (out / "model.safetensors").stat().st_size,
+        "note": "metrics: held-out frames of the training datasets (last dataset.eval_episodes episodes); "
+                "see `python -m emu_world.bench tokenizer` for frames freshly recorded from the simulator",
+    }
+    tmp = out / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(out / "manifest.json")
+    print(f"exported tokenizer {manifest['identity']} to {out} (held-out PSNR {metrics['psnr']} dB, "
+          f"code usage {metrics['code_usage']:.3f})", flush=True)
+    return out
+

@@ -1,0 +1,287 @@
+"""Stage-independent training pieces: distributed setup, LR schedule, checkpoints, logging.
+
+Every stage (``emu_world.train_<stage>``) writes its own explicit loop from these parts:
+
+- :func:`init_distributed` / :func:`teardown_distributed`: single process, or ``torchrun``
+  (``RANK``/``WORLD_SIZE`` in the environment) with the gloo backend on CPU; each rank gets
+  ``threads // world_size`` torch threads (at least one).
+- :func:`cosine_lr`: linear warm-up then cosine decay to ``min_lr_ratio * lr``.
+- :func:`save_checkpoint` / :func:`load_checkpoint`: a folder of safetensors (model weights,
+  optimizer moments, RNG state) plus JSON (step, optimizer hyper-parameters, stage state,
+  config), written to a temporary folder and renamed into place, so an interruption leaves
+  the previous checkpoint intact. Nothing is pickled.
+- :func:`epoch_permutation`: the data order is a pure function of (seed, epoch), so resuming
+  at a step restores the exact batches.
+- :class:`MetricLogger`: one JSON line per record in ``metrics.jsonl`` plus a short stdout line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(threads: int = 2) -> DistInfo:
+    """Join the ``torchrun`` process group (gloo, CPU) if launched by it; set torch threads."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    torch.set_num_threads(max(1, int(threads) // world))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    return info
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= info.world_size
+    return t
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.broadcast(t, src=0)
+    return t
+
+
+def average_gradients(model: torch.nn.Module, info: DistInfo) -> None:
+    """Average gradients over ranks (one flat all-reduce): plain data parallelism without DDP hooks,
+    which keeps the training step identical in one process and under torchrun."""
+    if not info.enabled:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= info.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Learning rate at ``step`` (0-based): linear warm-up, then cosine down to ``min_lr_ratio * base_lr``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return base_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of ``n`` training items in ``epoch``: a pure function of (seed, epoch)."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
+    """Indices of the global batch at ``step``: consecutive slices of per-epoch permutations
+    (a batch never straddles two epochs; the tail of each epoch is dropped)."""
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} exceeds the {n} training items; lower train.batch_size")
+    epoch, k = divmod(step, per_epoch)
+    return epoch_permutation(n, seed, epoch)[k * batch_size: (k + 1) * batch_size]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer's state dict into safetensors-ready tensors and JSON metadata."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.{pid}.{key}"] = value.detach().clone().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           meta: dict[str, Any], prefix: str) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if not name.startswith(prefix + "."):
+            continue
+        pid, key = name[len(prefix) + 1:].split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, extra in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(extra)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(run_dir: Path, models: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                    step: int, state: dict[str, Any], config: dict[str, Any],
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``run_dir/checkpoint/`` atomically: ``<name>.safetensors`` per model, ``optim.safetensors``
+    (optimizer moments, RNG state, ``extra_tensors``) and ``state.json``."""
+    final = Path(run_dir) / CHECKPOINT_DIR
+    tmp = Path(run_dir) / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    for name, model in models.items():
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    optim_meta: dict[str, Any] = {}
+    for name, opt in optimizers.items():
+        t, m = optimizer_tensors(opt, f"optim.{name}")
+        tensors.update(t)
+        optim_meta[name] = m
+    for k, v in (extra_tensors or {}).items():
+        tensors[f"extra.{k}"] = v.detach().contiguous()
+    save_file(tensors, str(tmp / "optim.safetensors"))
+    meta = {"step": int(step), "state": state, "optimizers": optim_meta, "config": config,
+            "models": sorted(models), "saved_at": time.time()}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
+    old = Path(run_dir) / f".{CHECKPOINT_DIR}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if final.exists():
+        os.replace(final, old)  # a crash right here leaves .checkpoint.old-*: find_checkpoint uses it
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """``run_dir/checkpoint`` or, after a crash between two renames, the newest ``.checkpoint.old-*``."""
+    final = Path(run_dir) / CHECKPOINT_DIR
+    if (final / "state.json").is_file():
+        return final
+    olds = sorted(Path(run_dir).glob(f".{CHECKPOINT_DIR}.old-*"), key=lambda p: p.stat().st_mtime)
+    olds = [p for p in olds if (p / "state.json").is_file()]
+    return olds[-1] if olds else None
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    step: int
+    state: dict[str, Any]
+    config: dict[str, Any]
+    extra_tensors: dict[str, torch.Tensor]
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "state.json").read_text())
+
+
+def load_checkpoint(path: Path, models: dict[str, torch.nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer]) -> LoadedCheckpoint:
+    """Restore models, optimizers and the torch RNG from a folder written by :func:`save_checkpoint`."""
+    from emu_world.tokenizer import load_state_checked
+
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    for name, model in models.items():
+        file = path / f"{name}.safetensors"
+        if not file.is_file():
+            raise ValueError(f"checkpoint {path} has no {file.name}; it was written by a run with other models "
+                             f"({meta.get('models')}). Start a fresh run_dir.")
+        load_state_checked(model, load_file(str(file)), str(file))
+    tensors = load_file(str(path / "optim.safetensors"))
+    for name, opt in optimizers.items():
+        if name not in meta["optimizers"]:
+            raise ValueError(f"checkpoint {path} has no optimizer {name!r} (has {sorted(meta['optimizers'])}); "
+                             "it was written with other training settings. Start a fresh run_dir.")
+        load_optimizer_tensors(opt, tensors, meta["optimizers"][name], f"optim.{name}")
+    torch.set_rng_state(tensors["rng.torch"])
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return LoadedCheckpoint(path, int(meta["step"]), meta["state"], meta["config"], extra)
+
+
+# ----------------------------------------------------------------------------- logging and provenance
+
+
+class MetricLogger:
+    """Appends JSON records to ``run_dir/metrics.jsonl`` (main rank only) and prints a short line."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, truncate_after_step: int | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled and truncate_after_step is not None and self.path.exists():
+            # a resumed run drops records written after its checkpoint (they will be redone)
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, record: dict[str, Any], echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if echo:
+            parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()]
+            print(" ".join(parts), flush=True)
+
+
+def code_version() -> str:
+    """``git describe``-style version of the repository: short hash, plus ``-dirty`` with local edits."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def command_line(module: str) -> str:
+    launcher = "torchrun --nproc_per_node=" + os.environ["WORLD_SIZE"] + " -m " if "WORLD_SIZE" in os.environ \
+        else "python -m "
+    return launcher + " ".join([module, *sys.argv[1:]])

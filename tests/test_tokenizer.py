@@ -1,0 +1,204 @@
+"""The IBQ vision tokenizer (emu_world/tokenizer.py): shapes, round trips, the IBQ gradient
+property, files and identities, clear errors; the tiny config comes from Hydra's compose API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from emu_world.config import CONFIG_DIR, to_dataclass
+from emu_world.image_metrics import code_usage, psnr, ssim
+from emu_world.tokenizer import (
+    Emu3VisionTokenizer, TokenizerConfig, VisionTokenizer, load_tokenizer, tensor_to_frames,
+)
+
+
+def tiny_config(*overrides: str) -> TokenizerConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=tiny", *overrides])
+    return to_dataclass(TokenizerConfig, cfg.tokenizer)
+
+
+@pytest.fixture
+def tiny() -> VisionTokenizer:
+    torch.manual_seed(0)
+    return VisionTokenizer(tiny_config()).eval()
+
+
+def frames(n: int = 5, size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIG_DIR / "tokenizer").glob("*.yaml")))
+def test_every_tokenizer_yaml_builds_a_valid_config(name):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"tokenizer={name}"])
+    tc = to_dataclass(TokenizerConfig, cfg.tokenizer)
+    assert tc.image_size % tc.downsample == 0 and tc.tokens_per_frame == tc.grid[0] * tc.grid[1]
+
+
+def test_default_config_is_128px_f16_64_tokens():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        tc = to_dataclass(TokenizerConfig, compose(config_name="train").tokenizer)
+    assert (tc.image_size, tc.downsample, tc.tokens_per_frame) == (128, 16, 64)
+
+
+def test_shapes(tiny):
+    cfg = tiny.config
+    assert cfg.grid == (4, 4) and tiny.tokens_per_frame == 16
+    x = frames()
+    codes = tiny.encode(x)
+    assert codes.shape == (5, 4, 4) and codes.dtype == torch.int64
+    assert 0 <= int(codes.min()) and int(codes.max()) < cfg.codebook_size
+    out = tiny.decode(codes)
+    assert out.shape == (5, 32, 32, 3) and out.dtype == torch.uint8
+    t = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+    fwd = tiny(t)
+    assert fwd.recon.shape == (5, 3, 32, 32) and fwd.z.shape == (5, cfg.code_dim, 4, 4)
+    assert fwd.quant.z_q.shape == fwd.z.shape and fwd.codes.shape == (5, 4, 4)
+    assert torch.equal(fwd.codes, codes)  # the training path picks the same codes as encode()
+    assert tiny.encode(x[:0]).shape == (0, 4, 4)
+
+
+def test_encode_decode_round_trip_and_batching(tiny):
+    x = frames(7)
+    codes = tiny.encode(x, batch_size=3)
+    assert torch.equal(codes, tiny.encode(x, batch_size=64))  # batching changes nothing
+    recon = tiny.decode(codes, batch_size=2)
+    assert torch.equal(recon, tiny.decode(codes.numpy()))
+    # decoding is a deterministic function of the codes, and the decoded frames re-encode to
+    # frames that decode to themselves (a fixed point after one round)
+    again = tiny.decode(tiny.encode(recon))
+    assert torch.equal(tiny.decode(tiny.encode(again)), tiny.decode(tiny.encode(again)))
+    fwd = tiny(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert torch.equal(tensor_to_frames(fwd.recon), recon)  # straight-through value = decode of the codes
+
+
+def test_ibq_gradients_reach_unused_codes(tiny):
+    """Index backpropagation: the one-hot's gradient flows through the softmax over all codes."""
+    q = tiny.quantizer
+    z = torch.nn.functional.normalize(torch.randn(2, tiny.config.code_dim, 4, 4), dim=1).requires_grad_()
+    out = q(z)
+    target = torch.randn_like(out.z_q)
+    ((out.z_q - target) ** 2).mean().backward()
+    used = torch.unique(out.codes)
+    unused = torch.ones(tiny.codebook_size, dtype=torch.bool)
+    unused[used] = False
+    assert unused.sum() > 0
+    grad_rows = q.codebook.grad.norm(dim=1)
+    assert (grad_rows[unused] > 0).all(), "every code, picked or not, gets gradient"
+    assert z.grad is not None and z.grad.abs().sum() > 0  # and the encoder too
+    # a plain VQ lookup would give unused codes no gradient at all
+    q.codebook.grad = None
+    plain = torch.nn.functional.embedding(out.codes, q.normalized_codebook())
+    ((plain - target.permute(0, 2, 3, 1)) ** 2).mean().backward()
+    assert (q.codebook.grad.norm(dim=1)[unused] == 0).all()
+
+
+def test_quantizer_terms_are_finite_and_counts_sum(tiny):
+    z = torch.nn.functional.normalize(torch.randn(3, tiny.config.code_dim, 4, 4), dim=1)
+    out = tiny.quantizer(z)
+    for t in (out.commit_loss, out.quant_loss, out.entropy_loss):
+        assert torch.isfinite(t)
+    assert out.counts.sum() == 3 * 16 and out.counts.shape == (tiny.codebook_size,)
+
+
+def test_save_load_round_trip_and_identity(tiny, tmp_path):
+    x = frames()
+    path = tiny.save(tmp_path / "tok")
+    assert {p.name for p in path.iterdir()} == {"model.safetensors", "config.json"}
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["identity"] == tiny.identity() and meta["tokens_per_frame"] == 16
+    loaded = VisionTokenizer.load(path)
+    assert loaded.identity() == tiny.identity()
+    assert torch.equal(loaded.encode(x), tiny.encode(x))
+    assert torch.equal(loaded.decode(tiny.encode(x)), tiny.decode(tiny.encode(x)))
+    assert isinstance(load_tokenizer(path), VisionTokenizer)
+    # fp16 files: the identity written is the one the loaded model reports; saving again replaces
+    path16 = tiny.save(tmp_path / "tok", dtype=torch.float16)
+    loaded16 = VisionTokenizer.load(path16)
+    assert json.loads((path16 / "config.json").read_text())["identity"] == loaded16.identity()
+    assert loaded16.identity() != tiny.identity()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # no temporary folders left
+    # identity is a valid token-store key and changes with the weights
+    from emu_world.data.token_store import TokenStore
+
+    store = TokenStore(tmp_path / "tokens", loaded.identity())
+    store.write(0, "observation.images.top", loaded.encode(x).numpy())
+    assert np.array_equal(store.read(0, "observation.images.top"), loaded.encode(x).numpy())
+    with torch.no_grad():
+        loaded.decoder.head.bias.add_(1e-3)
+    assert loaded.identity() != tiny.identity()
+
+
+def test_mismatched_config_is_rejected_with_a_clear_message(tiny, tmp_path):
+    path = tiny.save(tmp_path / "tok")
+    other = tiny_config("tokenizer.codebook_size=32")
+    with pytest.raises(ValueError, match=r"codebook_size: config 32 vs checkpoint 64"):
+        VisionTokenizer.load(path, config=other)
+    # weights that do not fit (config.json edited by hand, or files mixed up)
+    meta = json.loads((path / "config.json").read_text())
+    meta["config"]["code_dim"] = 4
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not fit this model"):
+        VisionTokenizer.load(path)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        VisionTokenizer.load(tmp_path)
+
+
+def test_bad_inputs_name_the_problem(tiny):
+    with pytest.raises(ValueError, match="tokenizer reads 32x32"):
+        tiny.encode(frames(size=64))
+    with pytest.raises(ValueError, match="uint8"):
+        tiny.encode(frames().astype(np.float32))
+    with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
+        tiny.encode(frames()[0])
+    with pytest.raises(ValueError, match="0..63"):
+        tiny.decode(torch.full((1, 4, 4), 64))
+    with pytest.raises(ValueError, match=r"\(B, 4, 4\)"):
+        tiny.decode(torch.zeros((1, 8, 8), dtype=torch.long))
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="not divisible"):
+        TokenizerConfig(image_size=100, stem_stride=4, channels=[16, 32])
+    with pytest.raises(ValueError, match="decoder_blocks"):
+        TokenizerConfig(channels=[16, 32], encoder_blocks=[1, 1], decoder_blocks=[1, 1, 1])
+    with pytest.raises(ValueError, match="norm_groups"):
+        TokenizerConfig(channels=[12, 32], encoder_blocks=1, decoder_blocks=1)
+    assert TokenizerConfig(channels=[16, 32], encoder_blocks=2, decoder_blocks=1).encoder_blocks == [2, 2]
+    with pytest.raises(ValueError, match="unknown key"):
+        TokenizerConfig.from_dict({"image_size": 32, "nope": 1})
+
+
+def test_image_metrics():
+    x = frames(4)
+    assert psnr(x, x) == 100.0 and ssim(x, x) == pytest.approx(1.0)
+    y = np.clip(x.astype(int) + 4, 0, 255).astype(np.uint8)
+    assert 30 < psnr(x, y) < 40 and ssim(x, y) < 1.0
+    use = code_usage(torch.tensor([[0, 1], [1, 1]]), 4)
+    assert use["code_usage"] == 0.5 and use["codes_used"] == 2 and 1 < use["perplexity"] < 2
+
+
+def test_real_emu3_tokenizer_from_a_local_folder(tmp_path):
+    """A (randomly initialised, tiny) transformers Emu3VQVAE saved locally opens through load_tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Emu3VQVAEConfig(codebook_size=64, embed_dim=4, latent_channels=4, base_channels=32,
+                                       channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[],
+                                       temporal_downsample_factor=1, hidden_size=32)
+    torch.manual_seed(0)
+    transformers.Emu3VQVAE(cfg).save_pretrained(tmp_path / "emu3")
+    tok = load_tokenizer(tmp_path / "emu3", image_size=16)
+    assert isinstance(tok, Emu3VisionTokenizer) and tok.grid == (8, 8) and tok.codebook_size == 64
+    codes = tok.encode(frames(2, size=16))
+    assert codes.shape == (2, 8, 8) and int(codes.max()) < 64
+    assert tok.decode(codes).shape == (2, 16, 16, 3)
+    assert tok.identity().startswith("emu3-f2-k64-")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="neither"):
+        load_tokenizer(tmp_path / "other")

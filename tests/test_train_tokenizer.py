@@ -1,0 +1,170 @@
+"""``python -m emu_world.train stage=tokenizer`` on a tiny recorded dataset (experiment=tiny):
+the loss falls, resume reproduces the loss curve exactly, mismatched checkpoints are refused,
+the exported folder carries a manifest; and the benchmark runs end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
+from emu_world.record import record
+from emu_world.tokenizer import VisionTokenizer
+from emu_world.train import run_stage
+from emu_world.train_tokenizer import decode_episode_frames, resolve_roots
+from emu_world.training import batch_indices, cosine_lr, find_checkpoint
+
+TASK = "widowx_pick_place"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Three short 32x32 widowx episodes (the last one is held out by experiment=tiny)."""
+    root = tmp_path_factory.mktemp("data") / TASK
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="record", overrides=[f"env={TASK}", "env.image_size=32", "env.max_episode_steps=30"])
+    record(to_dataclass(EnvConfig, cfg.env), to_dataclass(AgentConfig, cfg.agent), root, "test/widowx", episodes=3,
+           seed=0, keep_failures=True, progress=False)
+    return root
+
+
+def train_cfg(dataset: Path, run_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=[
+            "stage=tokenizer", "experiment=tiny", f"dataset.root={dataset}", f"run_dir={run_dir}", *overrides])
+
+
+def losses(history) -> list[float]:
+    return [h["loss"] for h in history]
+
+
+def test_tiny_training_lowers_the_loss_and_exports(dataset, tmp_path):
+    result = run_stage(train_cfg(dataset, tmp_path / "run", "train.steps=30", "train.lr=3e-3"))
+    curve = losses(result.history)
+    assert len(curve) == 30 and all(np.isfinite(curve))
+    assert np.mean(curve[-5:]) < 0.7 * np.mean(curve[:3])
+    assert result.step == 30 and result.final_metrics is not None
+    # the exported tokenizer: weights, config, manifest with provenance and metrics
+    out = result.export_dir
+    assert out == tmp_path / "run" / "tokenizer"
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("command", "code_version", "config", "data", "metrics", "train_seconds", "identity"):
+        assert key in manifest
+    assert manifest["data"][0]["held_out_episodes"] == [2]
+    tok = VisionTokenizer.load(out)
+    assert manifest["identity"] == tok.identity() == json.loads((out / "config.json").read_text())["identity"]
+    assert 0 < manifest["metrics"]["code_usage"] <= 1 and manifest["metrics"]["psnr"] > 5
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval" in r for r in records) and any("batch_perplexity" in r for r in records)
+
+
+def test_resume_reproduces_the_same_loss_curve(dataset, tmp_path):
+    full = run_stage(train_cfg(dataset, tmp_path / "a", "train.steps=8"))
+    part1 = run_stage(train_cfg(dataset, tmp_path / "b", "train.steps=8", "train.stop_after=3"))
+    assert part1.step == 3 and part1.final_metrics is None and part1.export_dir is None
+    part2 = run_stage(train_cfg(dataset, tmp_path / "b", "train.steps=8", "resume=true"))
+    assert [h["step"] for h in part2.history] == list(range(4, 9))
+    assert losses(part1.history) + losses(part2.history) == losses(full.history)  # bit for bit
+    a = VisionTokenizer.load(tmp_path / "a" / "tokenizer")
+    b = VisionTokenizer.load(tmp_path / "b" / "tokenizer")
+    assert a.identity() == b.identity()
+    # the metrics log holds each step once
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 9))
+
+
+def test_checkpoint_with_another_config_is_rejected(dataset, tmp_path):
+    run_stage(train_cfg(dataset, tmp_path / "run", "train.steps=4", "train.stop_after=2"))
+    with pytest.raises(ValueError, match=r"different tokenizer config \(codebook_size: config 32 vs checkpoint 64"):
+        run_stage(train_cfg(dataset, tmp_path / "run", "train.steps=4", "resume=true", "tokenizer.codebook_size=32"))
+    with pytest.raises(FileExistsError, match="resume=true"):
+        run_stage(train_cfg(dataset, tmp_path / "run", "train.steps=4"))
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        run_stage(train_cfg(dataset, tmp_path / "empty", "resume=true"))
+    assert find_checkpoint(tmp_path / "run") is not None
+    assert not list((tmp_path / "run").glob(".checkpoint*"))  # no temporary folders left behind
+
+
+def test_bad_data_settings_name_the_fix(dataset, tmp_path):
+    with pytest.raises(ValueError, match="tokenizer.image_size=64"):
+        run_stage(train_cfg(dataset, tmp_path / "r1", "tokenizer.image_size=64"))
+    with pytest.raises(FileNotFoundError, match="emu_world.record"):
+        run_stage(train_cfg(tmp_path / "nothing", tmp_path / "r2"))
+    with pytest.raises(ValueError, match="eval_episodes"):
+        run_stage(train_cfg(dataset, tmp_path / "r3", "dataset.eval_episodes=3"))
+    with pytest.raises(ValueError, match="unknown stage"):
+        run_stage(train_cfg(dataset, tmp_path / "r4", "stage=nope"))
+
+
+def test_fast_frame_reader_matches_the_dataset_loader(dataset):
+    from emu_world.data.robot_dataset import RobotDataset
+
+    assert resolve_roots([dataset.parent]) == [dataset]
+    ds = RobotDataset(dataset)
+    key = ds.camera_keys[0]
+    ours = decode_episode_frames(ds, key, [0, 2], stride=2)
+    for got, e in zip(ours, [0, 2]):
+        ref = ds.episode(e).frames[key][::2]
+        assert got.shape == ref.shape and np.array_equal(got, ref)
+
+
+def test_schedule_and_data_order_are_pure_functions():
+    assert cosine_lr(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert cosine_lr(10, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert cosine_lr(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    a = batch_indices(7, 4, 10, seed=3)
+    assert np.array_equal(a, batch_indices(7, 4, 10, seed=3)) and len(set(a.tolist())) == 4
+    with pytest.raises(ValueError, match="batch_size"):
+        batch_indices(0, 20, 10, seed=0)
+
+
+def test_bench_tokenizer_on_a_dataset_and_from_the_simulator(dataset, tmp_path):
+    from emu_world.bench import run_benchmark
+
+    run = run_stage(train_cfg(dataset, tmp_path / "run", "train.steps=2"))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR / "bench"), version_base="1.3"):
+        cfg = compose(config_name="tokenizer", overrides=[
+            f"checkpoint={run.export_dir}", f"dataset.root={dataset}", "dataset.held_out=1", "batch_size=8",
+            f"picture={tmp_path / 'recon.png'}", f"output={tmp_path / 'bench.json'}", "speed_frames=16"])
+    summary = run_benchmark("tokenizer", cfg)
+    for key in ("psnr", "ssim", "code_usage", "tokens_per_frame", "frames_per_second"):
+        assert key in summary
+    assert summary["tokens_per_frame"] == 16 and (tmp_path / "recon.png").exists()
+    assert json.loads((tmp_path / "bench.json").read_text())["identity"] == summary["identity"]
+    # recording held-out episodes itself (the default mode), one short task
+    with initialize_config_dir(config_dir=str(CONFIG_DIR / "bench"), version_base="1.3"):
+        cfg = compose(config_name="tokenizer", overrides=[
+            f"checkpoint={run.export_dir}", f"tasks=[{TASK}]", "image_size=32", "picture=null", "speed_frames=16",
+            f"output={tmp_path / 'bench2.json'}"])
+    summary = run_benchmark("tokenizer", cfg)
+    assert list(summary["per_task"]) == [f"{TASK}/front"] and summary["frames"] > 10
+
+
+def test_bench_cli_names_the_benchmarks():
+    proc = subprocess.run([sys.executable, "-m", "emu_world.bench", "nope"], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=60)
+    assert proc.returncode != 0 and "tokenizer" in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_gloo(dataset, tmp_path):
+    """Data-parallel training under torchrun (gloo, CPU) finishes and exports."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "emu_world.train", "stage=tokenizer", "experiment=tiny", f"dataset.root={dataset}",
+           f"run_dir={tmp_path / 'ddp'}", "train.steps=4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "ddp" / "tokenizer" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    assert torch.isfinite(torch.tensor(manifest["metrics"]["psnr"]))
