@@ -348,8 +348,10 @@ class RobotDataset:
         meta = self._episodes_meta[index]
         lo, hi = int(meta["dataset_from_index"]), int(meta["dataset_to_index"])
         table = ds.hf_dataset.with_format(None).select(range(lo, hi))
-        actions = np.asarray(table[ACTION_KEY], dtype=np.float32)
-        states = np.asarray(table[self.state_key], dtype=np.float32) if self.state_key else None
+        n = hi - lo
+        # lerobot stores (1,)-shaped features as scalars: always return (T, A) / (T, S)
+        actions = np.asarray(table[ACTION_KEY], dtype=np.float32).reshape(n, -1)
+        states = np.asarray(table[self.state_key], dtype=np.float32).reshape(n, -1) if self.state_key else None
         sub_idx = None
         subtasks: list[Subtask] = []
         if self.subtask_vocab is not None:
