@@ -1,0 +1,325 @@
+"""The world model: a Qwen3-shaped decoder over the layout's one vocabulary.
+
+    layout = SequenceLayout.from_config(LayoutConfig(), codebook_size=1024, grid=(8, 8))
+    model = WorldModel(WorldModelConfig.preset("small"), layout)     # vocab size from the layout
+    packed = layout.pack(samples, max_len=1024)
+    loss, logs = model(**model.packed_inputs(packed))               # weighted next-token CE
+    model.save("checkpoints/world_model"); WorldModel.load("checkpoints/world_model", layout)
+
+Generation (KV cache, grammar-forced structure tokens, per-modality sampling, CFG) lives in
+:mod:`emu_world.generate`; this module is the network, its loss and its checkpoint format.
+
+References and departures:
+
+- Emu3.5 (arXiv 2510.26583) is a decoder-only transformer initialised from Qwen3: RMSNorm,
+  QK-norm, grouped-query attention, SwiGLU MLP, rotary position embeddings, next-token
+  prediction over text + vision tokens. We use transformers' ``Qwen3ForCausalLM`` with a small
+  config, so the KV cache, SDPA and distributed tooling are the library's. Departure: the
+  vocabulary is ours (text | specials | vision codes | action bins, :mod:`emu_world.layout`).
+- Emu3 (arXiv 2409.18869): vision tokens weigh 0.5 in the loss. The weights come from the layout
+  (``weights[i]`` weighs predicting token ``i``); the loss is their weighted mean.
+- Packing: several documents share one row; a block-diagonal causal 4-D additive mask keeps them
+  apart and position ids restart at every document (the same result as running each alone).
+
+Files: ``model.safetensors`` (weights) + ``config.json`` (format tag, :class:`WorldModelConfig`,
+the layout ``spec`` the weights were trained for). Never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers.cache_utils import DynamicCache
+
+from emu_world.layout import Packed, Role, SequenceLayout
+
+FORMAT_NAME = "emu_world.world_model"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@dataclass
+class WorldModelConfig:
+    """Architecture of the decoder (``configs/model/<name>.yaml``; named presets in :data:`PRESETS`).
+
+    ``vocab_size=None`` takes the vocabulary size from the layout the model is built with (the
+    usual case); a fixed value must then agree with the layout. ``head_dim=None`` means
+    ``hidden_size // num_heads`` (Qwen3 allows ``num_heads * head_dim != hidden_size``).
+    """
+
+    vocab_size: int | None = None  # V; None: the layout's vocab_size
+    hidden_size: int = 256  # width of the residual stream
+    num_layers: int = 6
+    num_heads: int = 8  # query heads
+    num_kv_heads: int = 2  # key/value heads (GQA); must divide num_heads
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    intermediate_size: int = 768  # SwiGLU hidden width
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096  # longest document (positions restart per document)
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = True  # share the input embedding and the output head
+    attn_implementation: str = "sdpa"  # "sdpa" or "eager" (both take the 4-D packing mask)
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "max_position_embeddings"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.vocab_size is not None and int(self.vocab_size) < 2:
+            raise ValueError(f"model.vocab_size must be >= 2 or null (from the layout), got {self.vocab_size}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} does not divide model.hidden_size={self.hidden_size}; "
+                "change one of them or set model.head_dim explicitly"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_kv_heads={self.num_kv_heads} does not divide model.num_heads={self.num_heads} "
+                "(grouped-query attention shares each key/value head among num_heads/num_kv_heads queries)"
+            )
+        if self.resolved_head_dim % 2:
+            raise ValueError(f"model head dimension must be even for rotary embeddings, got {self.resolved_head_dim}")
+        if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"model.attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                f"got {self.attn_implementation!r}"
+            )
+        if not self.rope_theta > 0 or not self.rms_norm_eps > 0 or not self.initializer_range > 0:
+            raise ValueError("model.rope_theta, model.rms_norm_eps and model.initializer_range must be > 0")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return int(self.head_dim) if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "WorldModelConfig":
+        """A named preset (``tiny``, ``small``, ``emu3.5``) with optional field overrides."""
+        if name not in PRESETS:
+            raise KeyError(f"unknown world model preset {name!r}; available: {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    def for_layout(self, layout: SequenceLayout) -> "WorldModelConfig":
+        """This config with the vocabulary size of ``layout`` (checked if it was fixed)."""
+        if self.vocab_size is not None and self.vocab_size != layout.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={self.vocab_size} but the layout's vocabulary has {layout.vocab_size} ids; "
+                "set model.vocab_size=null to take it from the layout"
+            )
+        return replace(self, vocab_size=layout.vocab_size)
+
+    def to_hf(self) -> Qwen3Config:
+        if self.vocab_size is None:
+            raise ValueError("WorldModelConfig.vocab_size is unset: build the model with a layout or set vocab_size")
+        return Qwen3Config(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads, head_dim=self.resolved_head_dim,
+            max_position_embeddings=self.max_position_embeddings, rope_theta=self.rope_theta,
+            rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_embeddings,
+            initializer_range=self.initializer_range, attention_bias=False, use_sliding_window=False,
+            attn_implementation=self.attn_implementation,
+        )
+
+
+PRESETS: dict[str, WorldModelConfig] = {
+    # tests: ~19k decoder parameters + a V x 32 tied embedding (34k in all with the tests' layout, 76k
+    # with the default one)
+    "tiny": WorldModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                             max_position_embeddings=1024),
+    # the CPU default (shared/FACTS.md "Compute": 6 layers, width 256, GQA 8/2): ~4.5M decoder
+    # parameters + 0.46M tied embedding with the default layout (V=1792)
+    "small": WorldModelConfig(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=2, intermediate_size=768,
+                              max_position_embeddings=4096),
+    # The real Emu3.5 shape, for the meta device only (~34.1B parameters). Emu3.5 is initialised
+    # from Qwen3 and its transformer is the Qwen3-32B shape: 64 layers, hidden 5120, 64 query heads
+    # of dim 128 (so heads*dim = 8192 != hidden), 8 KV heads, SwiGLU 25600, untied head. Vocabulary
+    # 282,926 = Qwen3's 151,854 text ids + 131,072 (2^17) IBQ vision codes, as in public configs of
+    # Emu3.5-derived checkpoints. rope_theta and max positions are Qwen3-32B's (an estimate).
+    # Departure: those configs list q/k/v biases; Qwen3ForCausalLM has none (0.1M parameters).
+    "emu3.5": WorldModelConfig(vocab_size=282_926, hidden_size=5120, num_layers=64, num_heads=64, num_kv_heads=8,
+                               head_dim=128, intermediate_size=25_600, rope_theta=1_000_000.0,
+                               max_position_embeddings=40_960, tie_embeddings=False),
+}
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) document ids -> (B, L) position ids restarting at 0 at every document start."""
+    B, L = doc_ids.shape
+    index = torch.arange(L, device=doc_ids.device).expand(B, L)  # (B, L)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # (B, L) start of own doc
+    return index - first
+
+
+def document_mask(doc_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, L) document ids -> (B, 1, L, L) additive mask: 0 where query i may attend to key j
+    (same document, j <= i), the dtype's minimum elsewhere. Padding (-1) forms its own causal
+    block, so no row is fully masked (sdpa would return NaN for it)."""
+    L = doc_ids.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=doc_ids.device).tril()  # (L, L)
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, L, L)
+    allowed = (same & causal)[:, None]  # (B, 1, L, L)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+LOGGED_ROLES = {Role.VISION: "vision", Role.TEXT: "text", Role.ACTION: "action", Role.STRUCTURE: "structure"}
+
+
+class WorldModel(nn.Module):
+    """``Qwen3ForCausalLM`` over the layout's vocabulary, with the layout's loss and packing."""
+
+    def __init__(self, config: WorldModelConfig, layout: SequenceLayout | None = None):
+        super().__init__()
+        if layout is not None:
+            config = config.for_layout(layout)
+        self.config = config
+        self.layout_spec: dict[str, Any] | None = layout.spec if layout is not None else None
+        self.decoder = Qwen3ForCausalLM(config.to_hf())
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    def num_parameters(self) -> int:
+        """Unique parameters (a tied head counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # -- forward --------------------------------------------------------------------------------
+    def logits(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids -> (B, L, V) next-token logits (no cache).
+
+        ``doc_ids`` (B, L) isolates packed documents (block-diagonal causal mask; position ids
+        restart per document unless given). ``attention_mask`` is a ready (B, 1, L, L) additive
+        mask (e.g. DiDA's); with neither, attention is plain causal over the row.
+        """
+        if doc_ids is not None:
+            if attention_mask is not None:
+                raise ValueError("WorldModel.logits: pass doc_ids or attention_mask, not both")
+            attention_mask = document_mask(doc_ids, self.decoder.dtype)
+            if position_ids is None:
+                position_ids = document_positions(doc_ids)
+        out = self.decoder(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False)
+        return out.logits  # (B, L, V)
+
+    def forward(self, tokens: torch.Tensor, weights: torch.Tensor, roles: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted next-token cross-entropy.
+
+        tokens (B, L) int64, weights (B, L) float (``weights[i]`` weighs predicting ``tokens[i]``,
+        the layout's convention), roles (B, L) :class:`Role` for per-role logs. Returns
+        ``(loss, logs)``: loss = sum(w * ce) / sum(w) over targets 1..L-1; logs hold ``loss``,
+        ``tokens`` (targets with w > 0) and ``ce/<role>`` (unweighted mean CE of the targets of
+        that role with w > 0) for vision, text, action and structure tokens present.
+        """
+        if tokens.shape != weights.shape:
+            raise ValueError(f"WorldModel: tokens {tuple(tokens.shape)} and weights {tuple(weights.shape)} differ")
+        logits = self.logits(tokens, doc_ids, position_ids, attention_mask)  # (B, L, V)
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(),
+                             reduction="none").view(tokens.shape[0], -1)  # (B, L-1)
+        w = weights[:, 1:].to(ce.dtype)  # (B, L-1)
+        total = w.sum()
+        if total <= 0:
+            raise ValueError("WorldModel: all loss weights are 0 in this batch; nothing to train on")
+        loss = (ce * w).sum() / total
+        logs: dict[str, float] = {"loss": float(loss.detach()), "tokens": float((w > 0).sum())}
+        if roles is not None:
+            r = roles[:, 1:]
+            ce_d = ce.detach()
+            for role, name in LOGGED_ROLES.items():
+                sel = (r == role) & (w > 0)
+                if sel.any():
+                    logs[f"ce/{name}"] = float(ce_d[sel].mean())
+        return loss, logs
+
+    def packed_inputs(self, packed: Packed, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The keyword arguments of :meth:`forward` for a :class:`~emu_world.layout.Packed` batch."""
+        return {
+            "tokens": torch.as_tensor(packed.tokens, device=device),  # (R, L)
+            "weights": torch.as_tensor(packed.weights, device=device),  # (R, L)
+            "roles": torch.as_tensor(packed.roles, device=device),  # (R, L)
+            "doc_ids": torch.as_tensor(packed.doc_ids, device=device),  # (R, L)
+            "position_ids": torch.as_tensor(packed.position_ids, device=device),  # (R, L)
+        }
+
+    # -- incremental decoding -------------------------------------------------------------------
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.decoder.config)
+
+    def extend(self, tokens: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """Append (B, n) tokens to a KV cache; returns (B, V) logits after the last of them."""
+        past = cache.get_seq_length()
+        n = tokens.shape[1]
+        if past + n > self.config.max_position_embeddings:
+            raise ValueError(
+                f"WorldModel.extend: {past + n} positions exceed model.max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+        positions = torch.arange(past, past + n, device=tokens.device)  # (n,)
+        out = self.decoder(input_ids=tokens, past_key_values=cache, use_cache=True,
+                           position_ids=positions[None].expand(tokens.shape[0], n), cache_position=positions,
+                           logits_to_keep=1)
+        return out.logits[:, -1]  # (B, V)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` (config and layout spec) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": asdict(self.config),
+                "layout_spec": self.layout_spec}
+        save_model(self, str(directory / WEIGHTS_FILE))  # handles the tied head
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, layout: SequenceLayout, device: torch.device | str = "cpu") -> "WorldModel":
+        """Load a checkpoint written by :meth:`save`; rejects one trained for another layout."""
+        directory = Path(directory)
+        path = directory / CONFIG_FILE
+        if not path.is_file() or not (directory / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(
+                f"{directory} is not a world model checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
+            )
+        meta = json.loads(path.read_text())
+        if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}; "
+                f"expected {FORMAT_NAME!r} version {FORMAT_VERSION}"
+            )
+        saved = meta.get("layout_spec")
+        if saved != layout.spec:
+            if saved is None:
+                detail = "the checkpoint records no layout"
+            else:
+                keys = sorted(k for k in set(saved) | set(layout.spec) if saved.get(k) != layout.spec.get(k))
+                detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs layout {layout.spec.get(k)!r}" for k in keys)
+            raise ValueError(
+                f"world model checkpoint {directory} was trained for another token layout ({detail}). "
+                "Build the layout with the text tokenizer, vision tokenizer (codebook size, grid) and layout "
+                "config the checkpoint was trained with, or retrain the world model for this layout."
+            )
+        model = cls(WorldModelConfig(**meta["config"]), layout)
+        load_model(model, str(directory / WEIGHTS_FILE))
+        return model.to(device)

@@ -1,0 +1,205 @@
+"""The world model: presets and config checks, the Emu3.5 shape on the meta device, the weighted
+loss against a hand computation, isolation of packed documents, overfitting a tiny batch, and
+the checkpoint round trip with layout-mismatch rejection."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+from emu_world.config import CONFIG_DIR, to_dataclass
+from emu_world.layout import LayoutConfig, Role, SequenceLayout
+from emu_world.text_tokenizer import load_text_tokenizer
+from emu_world.world_model import PRESETS, WorldModel, WorldModelConfig, document_mask, document_positions
+
+torch.set_num_threads(1)  # tiny matrices: one thread is faster, and the machine is shared
+
+GRID = (2, 3)
+K = 8
+A = 3
+TASK = "put the red block in the blue bowl"
+
+
+@pytest.fixture(scope="module")
+def layout():
+    cfg = LayoutConfig(action_bins=16, actions_per_frame=2, max_text_tokens=24, pad_vocab_to=1)
+    return SequenceLayout(cfg, load_text_tokenizer(), K, GRID)
+
+
+def tiny_model(layout, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return WorldModel(WorldModelConfig.preset("tiny", **overrides), layout).eval()
+
+
+def samples(layout, seed=0):
+    """One sample of each kind (dynamics, plan, exploration)."""
+    rng = np.random.default_rng(seed)
+    k = layout.config.actions_per_frame
+    return [
+        layout.dynamics(TASK, rng.integers(0, K, (3, *GRID)), rng.integers(0, 16, (3 * k, A))),
+        layout.plan(TASK, rng.integers(0, K, GRID), ["reach the block", "lift it"], rng.integers(0, K, (2, *GRID))),
+        layout.exploration("a kitchen", rng.integers(0, K, (3, *GRID)), ["forward", "turn left"]),
+    ]
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def model_config(name: str) -> WorldModelConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(overrides=[f"+model={name}"])
+    return to_dataclass(WorldModelConfig, cfg.model)
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_shipped_configs_are_the_presets(name):
+    assert model_config(name) == PRESETS[name]
+
+
+def test_presets_build_with_the_layout_vocabulary(layout):
+    tiny = WorldModel(WorldModelConfig.preset("tiny"), layout)
+    assert tiny.vocab_size == layout.vocab_size
+    assert tiny.decoder.lm_head.weight is tiny.decoder.model.embed_tokens.weight  # tied
+    assert 20_000 < tiny.num_parameters() < 150_000
+    default = SequenceLayout(LayoutConfig(), layout.text_tokenizer, 1024, (8, 8))
+    small = WorldModel(WorldModelConfig.preset("small"), default)
+    assert 4_000_000 < small.num_parameters() < 10_000_000
+    attn = small.decoder.model.layers[0].self_attn
+    assert attn.q_norm is not None and attn.k_norm is not None  # Qwen3's QK-norm
+    assert attn.k_proj.out_features * 4 == attn.q_proj.out_features  # GQA 8/2
+
+
+def test_config_errors_are_clear(layout):
+    with pytest.raises(ValueError, match="num_heads=6 does not divide model.hidden_size=32"):
+        WorldModelConfig(hidden_size=32, num_heads=6, num_kv_heads=2)
+    assert WorldModelConfig(hidden_size=32, num_heads=6, num_kv_heads=2, head_dim=8).resolved_head_dim == 8
+    with pytest.raises(ValueError, match="num_kv_heads=3 does not divide model.num_heads=8"):
+        WorldModelConfig(num_kv_heads=3)
+    with pytest.raises(ValueError, match="attn_implementation"):
+        WorldModelConfig(attn_implementation="flash")
+    with pytest.raises(ValueError, match="num_layers"):
+        WorldModelConfig(num_layers=0)
+    with pytest.raises(ValueError, match="vocab_size=null"):
+        WorldModel(WorldModelConfig.preset("tiny", vocab_size=1000), layout)
+    with pytest.raises(KeyError, match="available"):
+        WorldModelConfig.preset("huge")
+
+
+def test_emu35_shape_on_the_meta_device():
+    with torch.device("meta"):
+        model = WorldModel(WorldModelConfig.preset("emu3.5"))
+    n = model.num_parameters()
+    assert 34.0e9 < n < 34.2e9  # 34.1B: 31.2B in 64 layers + 2 x 1.45B untied embedding/head
+    layer = model.decoder.model.layers[0]
+    assert layer.self_attn.q_proj.weight.shape == (64 * 128, 5120)
+    assert layer.self_attn.k_proj.weight.shape == (8 * 128, 5120)
+    assert layer.mlp.gate_proj.weight.shape == (25_600, 5120)
+    assert model.decoder.lm_head.weight.device.type == "meta"
+
+
+# ----------------------------------------------------------------------------- forward and loss
+
+
+def test_forward_shapes_and_weighted_loss_by_hand(layout):
+    model = tiny_model(layout)
+    s = samples(layout)[0]
+    tokens = torch.as_tensor(s.tokens)[None]  # (1, N)
+    weights = torch.as_tensor(s.weights)[None]  # (1, N)
+    roles = torch.as_tensor(s.roles)[None]
+    with torch.no_grad():
+        logits = model.logits(tokens)  # (1, N, V)
+        loss, logs = model(tokens, weights, roles)
+    assert logits.shape == (1, len(s), layout.vocab_size)
+    logp = F.log_softmax(logits[0].double(), dim=-1)  # (N, V)
+    num = den = 0.0
+    per_role: dict[int, list[float]] = {}
+    for i in range(1, len(s)):
+        ce = -float(logp[i - 1, s.tokens[i]])
+        num += float(s.weights[i]) * ce
+        den += float(s.weights[i])
+        if s.weights[i] > 0:
+            per_role.setdefault(int(s.roles[i]), []).append(ce)
+    assert loss.item() == pytest.approx(num / den, rel=1e-5)
+    assert logs["loss"] == pytest.approx(num / den, rel=1e-5)
+    assert logs["tokens"] == int((s.weights[1:] > 0).sum())
+    assert logs["ce/vision"] == pytest.approx(np.mean(per_role[Role.VISION]), rel=1e-5)
+    assert logs["ce/action"] == pytest.approx(np.mean(per_role[Role.ACTION]), rel=1e-5)
+    assert "ce/text" not in logs  # the dynamics prompt carries weight 0
+    with pytest.raises(ValueError, match="all loss weights are 0"):
+        model(tokens, torch.zeros_like(weights))
+
+
+def test_document_positions_and_mask():
+    doc = torch.tensor([[0, 0, 0, 1, 1, -1, -1]])
+    assert document_positions(doc).tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+    allowed = document_mask(doc) == 0  # (1, 1, 7, 7)
+    assert allowed[0, 0, 4].tolist() == [False, False, False, True, True, False, False]
+    assert allowed[0, 0, 6].tolist() == [False] * 5 + [True, True]
+    assert allowed.any(dim=-1).all()  # no fully masked row
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_packed_documents_are_isolated(layout, impl):
+    model = tiny_model(layout, attn_implementation=impl)
+    ss = samples(layout)
+    packed = layout.pack(ss, max_len=sum(len(s) for s in ss) + 5)  # one row, three documents, padding
+    assert packed.tokens.shape[0] == 1 and len(packed.documents) == 3
+    inputs = model.packed_inputs(packed)
+    with torch.no_grad():
+        row = model.logits(inputs["tokens"], inputs["doc_ids"], inputs["position_ids"])[0]  # (L, V)
+        for _, start, n, si, _ in packed.documents.tolist():
+            alone = model.logits(torch.as_tensor(ss[si].tokens)[None])[0]  # (n, V)
+            torch.testing.assert_close(row[start:start + n], alone, atol=1e-5, rtol=0)
+        # position ids derived from doc_ids when not given (they differ only on padding)
+        derived = model.logits(inputs["tokens"], inputs["doc_ids"])[0]
+    real = inputs["doc_ids"][0] >= 0
+    torch.testing.assert_close(derived[real], row[real], atol=0, rtol=0)
+    assert torch.isfinite(row).all()
+
+
+def test_tiny_model_overfits_a_tiny_batch(layout):
+    model = tiny_model(layout).train()
+    packed = layout.pack(samples(layout, seed=1), max_len=96)
+    inputs = model.packed_inputs(packed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    first = None
+    for step in range(300):
+        loss, logs = model(**inputs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        first = logs["loss"] if first is None else first
+    assert logs["loss"] < 0.1 * first, (first, logs)
+    assert {"ce/vision", "ce/text", "ce/action", "ce/structure"} <= set(logs)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_save_load_round_trip_and_layout_mismatch(layout, tmp_path):
+    model = tiny_model(layout, seed=3)
+    model.save(tmp_path / "wm")
+    meta = json.loads((tmp_path / "wm" / "config.json").read_text())
+    assert meta["layout_spec"] == layout.spec and meta["config"] == asdict(model.config)
+    again = WorldModel.load(tmp_path / "wm", layout).eval()
+    assert again.config == model.config
+    assert again.decoder.lm_head.weight is again.decoder.model.embed_tokens.weight
+    tokens = torch.as_tensor(samples(layout)[1].tokens)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(again.logits(tokens), model.logits(tokens), atol=0, rtol=0)
+
+    other = SequenceLayout(layout.config, layout.text_tokenizer, 2 * K, GRID)
+    with pytest.raises(ValueError, match=r"codebook_size: checkpoint 8 vs layout 16.*Build the layout"):
+        WorldModel.load(tmp_path / "wm", other)
+    meta["format"] = "something else"
+    (tmp_path / "wm" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="expected 'emu_world.world_model'"):
+        WorldModel.load(tmp_path / "wm", layout)
+    with pytest.raises(FileNotFoundError, match="not a world model checkpoint"):
+        WorldModel.load(tmp_path / "missing", layout)
