@@ -410,7 +410,7 @@ class VisionTokenizer(nn.Module):
         model = cls(saved)
         state = load_file(str(path / WEIGHTS_FILE))
         load_state_checked(model, state, str(path / WEIGHTS_FILE))
-        return model.eval()
+        return model.to(memory_format=torch.channels_last).eval()  # oneDNN's fast layout on CPU
 
 
 def state_identity(config: TokenizerConfig, state: dict[str, torch.Tensor]) -> str:

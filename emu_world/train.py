@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 
 import hydra
 from omegaconf import DictConfig
@@ -24,6 +25,7 @@ from emu_world.config import CONFIG_DIR
 # stage name -> module with run(cfg) -> result with .summary(); later stages add world_model, dida, policy
 STAGES = {
     "tokenizer": "emu_world.train_tokenizer",
+    "world_model": "emu_world.train_world_model",
 }
 
 
@@ -37,9 +39,8 @@ def run_stage(cfg: DictConfig):
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     result = run_stage(cfg)
-    summary = result.summary()
-    if summary.get("export_dir") is not None or result.final_metrics is None:
-        print(json.dumps(summary, default=str), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary line per run, also under torchrun
+        print(json.dumps(result.summary(), default=str), flush=True)
 
 
 if __name__ == "__main__":

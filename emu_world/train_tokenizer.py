@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,8 @@ class TokenizerLossConfig:
     l1: float = 1.0
     l2: float = 1.0
     gradient: float = 0.5  # L1 between image gradients (finite differences): sharp edges, no pretrained net
+    hard: float = 0.0  # squared error of each frame's worst pixels: small objects (a 3-pixel cube) are not averaged away
+    hard_fraction: float = 0.02  # ... the fraction of pixels counted as "worst"
     commit: float = 0.25
     quant: float = 1.0
     entropy: float = 0.05
@@ -165,6 +167,17 @@ def resolve_roots(roots: list[Path]) -> list[Path]:
     return out
 
 
+def episode_table(root: Path) -> list[dict[str, Any]]:
+    """Rows of ``meta/episodes/*/*.parquet`` by episode index (read with pandas: no lerobot import)."""
+    import pandas as pd
+
+    df = pd.concat([pd.read_parquet(p) for p in sorted(Path(root).glob("meta/episodes/*/*.parquet"))])
+    rows = df.sort_values("episode_index").to_dict("records")
+    if [int(r["episode_index"]) for r in rows] != list(range(len(rows))):
+        raise ValueError(f"{root}: meta/episodes does not list episodes 0..{len(rows) - 1}; the dataset is damaged")
+    return rows
+
+
 def decode_episode_frames(ds, key: str, episodes: list[int], stride: int) -> list[np.ndarray]:
     """Frames ``0, stride, 2*stride, ...`` of each episode for camera ``key``: uint8 (T_i, H, W, 3).
 
@@ -173,10 +186,10 @@ def decode_episode_frames(ds, key: str, episodes: list[int], stride: int) -> lis
     """
     import av
 
-    meta = ds._episodes_meta
-    info, fps = ds.info, ds.fps
     if ds.features[key]["dtype"] != "video":
         return [ds.episode(e, cameras=[key]).frames[key][::stride] for e in episodes]
+    meta = episode_table(ds.root)
+    info, fps = ds.info, ds.fps
     wanted: dict[tuple[int, int], dict[int, tuple[int, int]]] = {}  # file -> frame index in file -> (episode, slot)
     lengths: dict[int, int] = {}
     for e in episodes:
@@ -223,7 +236,7 @@ def load_frame_sets(cfg: FrameDataConfig, image_size: int, log=print) -> list[Fr
                 "train on. Record more episodes or lower dataset.eval_episodes."
             )
         train_eps, held_eps = list(range(n - cfg.eval_episodes)), list(range(n - cfg.eval_episodes, n))
-        meta = ds._episodes_meta
+        meta = episode_table(root)
         train_len = sum(int(meta[e]["dataset_to_index"]) - int(meta[e]["dataset_from_index"]) for e in train_eps)
         stride = max(1, math.ceil(train_len / cfg.frames_per_dataset))
         env = str(ds.provenance.get("env", ""))
@@ -265,6 +278,13 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)  # (B, 1, H/8, W/8) logits
 
 
+def hard_pixel_loss(pred: torch.Tensor, target: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean squared error over the ``fraction`` of pixels of each (B, C, H, W) image with the largest error."""
+    err = (pred - target).pow(2).sum(1).flatten(1)  # (B, H*W)
+    k = max(1, int(round(fraction * err.shape[1])))
+    return err.topk(k, dim=1).values.mean()
+
+
 def gradient_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L1 between horizontal and vertical finite differences of two (B, C, H, W) images."""
     dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
@@ -291,11 +311,14 @@ def train_step(model: VisionTokenizer, opt: torch.optim.Optimizer, x: torch.Tens
         "l1": (rec - x).abs().mean(),
         "l2": (rec - x).pow(2).mean(),
         "gradient": gradient_loss(rec, x),
+        "hard": hard_pixel_loss(rec, x, loss_cfg.hard_fraction) if loss_cfg.hard > 0 else torch.zeros(()),
         "commit": q.commit_loss,
         "quant": q.quant_loss,
         "entropy": q.entropy_loss,
     }
     loss = sum(getattr(loss_cfg, k) * v for k, v in terms.items())
+    if loss_cfg.hard <= 0:
+        del terms["hard"]
     adversarial = disc is not None and step >= loss_cfg.adversarial_start
     if adversarial:
         terms["g_adv"] = -disc(rec).mean()
@@ -339,8 +362,10 @@ def init_codebook(model: VisionTokenizer, x: torch.Tensor, seed: int, info: Dist
 
 def restart_dead_codes(model: VisionTokenizer, opt: torch.optim.Optimizer, usage: torch.Tensor, z: torch.Tensor,
                        step: int, seed: int, loss_cfg: TokenizerLossConfig, info: DistInfo) -> int:
-    """Move codes whose running usage is below ``restart_threshold`` x mean onto random latents of
-    this batch (rank 0's, broadcast); reset their Adam moments and give them the mean usage."""
+    """Move codes whose running usage is below ``restart_threshold`` x mean onto latents of this
+    batch, drawn with probability proportional to their quantisation error (so the new codes go
+    where the codebook serves the data worst); chosen on rank 0 and broadcast. Their Adam moments
+    are reset and their running usage set to the mean (a grace period)."""
     mean = usage.mean()
     dead = usage < loss_cfg.restart_threshold * mean
     n = int(dead.sum())
@@ -348,10 +373,11 @@ def restart_dead_codes(model: VisionTokenizer, opt: torch.optim.Optimizer, usage
         return 0
     cb = model.quantizer.codebook
     with torch.no_grad():
-        zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (N, D)
+        zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (N, D), unit vectors
+        error = (1.0 - (zf @ model.quantizer.normalized_codebook().T).max(dim=1).values).clamp_min(1e-6)  # (N,)
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        pick = torch.randint(len(zf), (n,), generator=g)
-        cb[dead] = zf[pick] + 0.05 * torch.randn(n, zf.shape[1], generator=g)
+        pick = torch.multinomial(error, n, replacement=True, generator=g)
+        cb[dead] = zf[pick] + 0.01 * torch.randn(n, zf.shape[1], generator=g)
         broadcast_(cb.data, info)
         state = opt.state.get(cb, {})
         for key in ("exp_avg", "exp_avg_sq"):
@@ -473,7 +499,8 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
     log(f"data: {len(train_frames)} training frames from {len(sets)} (dataset, camera) pairs in {data_seconds:.1f}s")
 
     model = VisionTokenizer(tok_cfg).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay,
+                            foreach=True)
     disc = PatchDiscriminator() if loss_cfg.adversarial > 0 else None
     opt_d = torch.optim.AdamW(disc.parameters(), lr=loop.lr, betas=(0.5, 0.9)) if disc is not None else None
     models: dict[str, nn.Module] = {"model": model, **({"discriminator": disc} if disc is not None else {})}

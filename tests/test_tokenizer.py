@@ -41,10 +41,10 @@ def test_every_tokenizer_yaml_builds_a_valid_config(name):
     assert tc.image_size % tc.downsample == 0 and tc.tokens_per_frame == tc.grid[0] * tc.grid[1]
 
 
-def test_default_config_is_128px_f16_64_tokens():
+def test_default_config_is_128px_f8_256_tokens():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         tc = to_dataclass(TokenizerConfig, compose(config_name="train").tokenizer)
-    assert (tc.image_size, tc.downsample, tc.tokens_per_frame) == (128, 16, 64)
+    assert (tc.image_size, tc.downsample, tc.tokens_per_frame) == (128, 8, 256)
 
 
 def test_shapes(tiny):

@@ -168,3 +168,31 @@ def test_torchrun_two_ranks_gloo(dataset, tmp_path):
     manifest = json.loads((tmp_path / "ddp" / "tokenizer" / "manifest.json").read_text())
     assert manifest["world_size"] == 2
     assert torch.isfinite(torch.tensor(manifest["metrics"]["psnr"]))
+
+
+def test_shipped_yaml_validates_without_building():
+    from emu_world.train_tokenizer import parse_config
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for overrides in ([], ["experiment=tiny"], ["tokenizer=f16"]):
+            parts = parse_config(compose(config_name="train", overrides=overrides))
+            assert parts.loop.batch_size > 0 and parts.tokenizer.image_size % parts.tokenizer.downsample == 0
+    with initialize_config_dir(config_dir=str(CONFIG_DIR / "bench"), version_base="1.3"):
+        cfg = compose(config_name="tokenizer")
+    assert set(cfg.tasks) <= set(__import__("envs").TASKS)
+
+
+def test_shipped_default_tokenizer_matches_its_config_and_manifest():
+    from emu_world.bench import resolve_path
+    from emu_world.config import to_dataclass as as_dc
+    from emu_world.tokenizer import TokenizerConfig
+
+    path = resolve_path("checkpoints/tokenizer")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        default = as_dc(TokenizerConfig, compose(config_name="train").tokenizer)
+    tok = VisionTokenizer.load(path, config=default)  # refuses a file trained with another config
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["identity"] == tok.identity() == json.loads((path / "config.json").read_text())["identity"]
+    assert (path / "model.safetensors").stat().st_size < 8 * 2**20
+    assert {"command", "config", "data", "code_version", "metrics", "train_seconds"} <= set(manifest)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "manifest.json", "model.safetensors"]
