@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from emu_world.config import CONFIG_DIR
 
-# stage name -> module with run(cfg) -> result with .summary(); later stages add world_model, dida, policy
+# stage name -> module with run(cfg) -> result with .summary(); later stages add dida, policy
 STAGES = {
     "tokenizer": "emu_world.train_tokenizer",
     "world_model": "emu_world.train_world_model",

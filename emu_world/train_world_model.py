@@ -1,0 +1,366 @@
+"""Training stage ``world_model``: the decoder over mixed, packed token sequences of local datasets.
+
+    python -m emu_world.train stage=world_model dataset.root=datasets [model=small] [data=default]
+    python -m emu_world.train stage=world_model dataset.root=[datasets/aloha_fold,datasets/explore_room]
+    torchrun --nproc_per_node=2 -m emu_world.train stage=world_model dataset.root=datasets
+    python -m emu_world.train stage=world_model ... resume=true   # continue exactly after an interruption
+
+Data: ``dataset.root`` (a dataset folder, a folder of datasets, or a list ``[a,b]``; Hydra keeps
+only the last of repeated ``dataset.root=`` overrides) chooses the datasets; an entry of
+``data.datasets`` with the same folder supplies that dataset's weight, tag and cameras (weight 1
+otherwise). Frames are read as codes of the vision tokenizer ``world_model.tokenizer``: its token
+cache is filled first (incrementally, ``emu_world.data.tokenize``; ``world_model.tokenize=false``
+only checks it and names the command that fills it). The layout (vocabulary) is built from the
+tokenizer's codebook size and grid and ``configs/layout``; the mixture of datasets and sample
+kinds, the packing (images and action spans are never split) and the held-out split are
+:class:`~emu_world.data.sequences.MixtureDataset`'s.
+
+Steps. ``train.batch_size`` is the global number of packed rows per optimisation step: the
+``G = batch_size / data.rows`` mixture batches ``step*G .. step*G+G-1`` (each a pure function of
+(data.seed, index)), of which rank ``r`` of ``W`` takes ``r, r+W, ...`` and accumulates their
+gradients; gradients are then averaged over ranks. The loss of a step is therefore the mean of
+the G batches' losses whatever the number of ranks, and resuming at a step restores its batches.
+
+Loop (explicit, one function per piece): ``train_step`` (weighted next-token CE, gradient
+accumulation, all-reduce, clipping, AdamW with linear warm-up then cosine LR), ``evaluate``
+(per-kind held-out loss and next-frame token accuracy, :class:`HeldoutMetrics`, every
+``train.eval_every`` steps and at the end), checkpoints (:mod:`emu_world.training`: model,
+optimizer, step, RNG; atomic, exact resume) and ``export`` (``WorldModel.save`` + the action
+binners + ``manifest.json`` with the tokenizer identity).
+
+Departure from Emu3.5: no classifier-free-guidance condition dropout yet (generation's image CFG
+uses an unconditional prompt the model has not been trained on separately).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from emu_world.config import to_dataclass
+from emu_world.data.sequences import DataConfig, DatasetSpec, HeldoutMetrics, MixtureDataset
+from emu_world.data.tokenize import tokenize_dataset
+from emu_world.layout import LayoutConfig, SequenceLayout
+from emu_world.tokenizer import ImageTokenizer, load_tokenizer
+from emu_world.train_tokenizer import FrameDataConfig, LoopConfig, resolve_roots
+from emu_world.training import (
+    DistInfo, MetricLogger, all_reduce_sum, average_gradients, code_version, command_line, cosine_lr,
+    find_checkpoint, init_distributed, load_checkpoint, read_checkpoint_meta, save_checkpoint, set_lr,
+    teardown_distributed,
+)
+from emu_world.world_model import WorldModel, WorldModelConfig
+
+LOGGED = ("loss", "ce/vision", "ce/text", "ce/action", "ce/structure")  # averaged over micro-batches and ranks
+RESUME_IGNORED = {"resume", "overwrite", "train.stop_after", "train.log_every", "train.eval_every",
+                  "train.save_every", "world_model.export_dir"}
+
+
+@dataclass
+class WorldModelStageConfig:
+    """``world_model:`` section of ``configs/train.yaml``: stage-specific settings."""
+
+    tokenizer: str = "checkpoints/tokenizer"  # the vision tokenizer folder whose codes the model reads
+    tokenize: bool = True  # fill missing token-cache entries first (False: only check, fail with the command)
+    eval_batches: int = 8  # held-out mixture batches per evaluation (the same ones every time)
+    export_dir: str | None = None  # None: <run_dir>/world_model
+
+    def __post_init__(self) -> None:
+        if not str(self.tokenizer).strip():
+            raise ValueError("world_model.tokenizer is empty; give the tokenizer folder (e.g. checkpoints/tokenizer)")
+        if self.eval_batches < 1:
+            raise ValueError(f"world_model.eval_batches must be >= 1, got {self.eval_batches}")
+
+
+@dataclass
+class Parts:
+    stage: WorldModelStageConfig
+    roots: FrameDataConfig
+    data: DataConfig
+    layout: LayoutConfig
+    model: WorldModelConfig
+    loop: LoopConfig
+
+
+def mixture_specs(roots: FrameDataConfig, data: DataConfig) -> list[DatasetSpec]:
+    """The datasets under ``dataset.root``, with weight/tag/cameras from a matching ``data.datasets`` entry."""
+    listed = {str(Path(s.root).resolve()): s for s in data.datasets}
+    specs = []
+    for root in resolve_roots(roots.roots):
+        spec = listed.get(str(root.resolve()), DatasetSpec(str(root)))
+        cameras = spec.cameras if spec.cameras is not None else roots.cameras
+        specs.append(replace(spec, root=str(root), cameras=cameras))
+    return specs
+
+
+def parse_config(cfg: DictConfig) -> Parts:
+    roots = to_dataclass(FrameDataConfig, cfg.dataset)
+    data = to_dataclass(DataConfig, cfg.data)
+    data = replace(data, datasets=mixture_specs(roots, data))  # __post_init__ checks the new list
+    parts = Parts(to_dataclass(WorldModelStageConfig, cfg.world_model), roots, data,
+                  to_dataclass(LayoutConfig, cfg.layout), to_dataclass(WorldModelConfig, cfg.model),
+                  to_dataclass(LoopConfig, cfg.train))
+    if parts.loop.batch_size % parts.data.rows:
+        raise ValueError(f"train.batch_size={parts.loop.batch_size} (packed rows per step) must be a multiple of "
+                         f"data.rows={parts.data.rows} (rows per mixture batch)")
+    return parts
+
+
+def config_diffs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Settings that differ between a checkpoint's config and this run's (ignoring loop bookkeeping)."""
+    diffs: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        elif a != b and prefix not in RESUME_IGNORED:
+            diffs.append(f"{prefix}: checkpoint {b!r} vs now {a!r}")
+
+    walk(current, saved, "")
+    return diffs
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def prepare_token_cache(parts: Parts, tokenizer: ImageTokenizer, info: DistInfo, log=print) -> None:
+    """Encode the (episode, camera) entries missing from each dataset's token cache (rank 0; the others wait)."""
+    if parts.stage.tokenize and info.is_main:
+        for spec in parts.data.datasets:
+            r = tokenize_dataset(spec.root, tokenizer, cache_root=parts.data.token_cache, cameras=spec.cameras,
+                                 threads=torch.get_num_threads())
+            log(f"token cache {r.cache}: {r.encoded} entries encoded, {r.skipped} present ({r.seconds:.1f}s)")
+    if info.enabled:
+        dist.barrier()
+
+
+def step_batches(step: int, per_step: int, info: DistInfo) -> list[int]:
+    """Mixture batch indices this rank trains on at ``step`` (its share of the global step)."""
+    return list(range(step * per_step + info.rank, (step + 1) * per_step, info.world_size))
+
+
+# ----------------------------------------------------------------------------- loop pieces
+
+
+def checkpoint_modules(model: WorldModel) -> dict[str, nn.Module]:
+    """The modules a checkpoint stores: the decoder body, plus the output head when it is not tied to the
+    input embedding (safetensors refuses two names for one tensor; loading the body restores a tied head)."""
+    parts: dict[str, nn.Module] = {"model": model.decoder.model}
+    if not model.config.tie_embeddings:
+        parts["lm_head"] = model.decoder.lm_head
+    return parts
+
+
+def train_step(model: WorldModel, opt: torch.optim.Optimizer, data: MixtureDataset, indices: list[int],
+               loop: LoopConfig, info: DistInfo) -> dict[str, float]:
+    """One optimisation step over this rank's mixture batches ``indices`` (every rank holds as many)."""
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    sums = torch.zeros(2 * len(LOGGED) + 1, dtype=torch.float64)  # [value sums | counts | tokens]
+    for b in indices:
+        batch = data.batch(b)  # packed (R, L)
+        loss, logs = model(**model.packed_inputs(batch.packed))
+        (loss / len(indices)).backward()  # this rank's mean; averaged over ranks: the mean of all per_step batches
+        for i, key in enumerate(LOGGED):
+            if key in logs:
+                sums[i] += logs[key]
+                sums[len(LOGGED) + i] += 1
+        sums[-1] += logs["tokens"]
+    average_gradients(model, info)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip) if loop.grad_clip > 0 else None
+    opt.step()
+    sums = all_reduce_sum(sums, info)
+    out = {key: float(sums[i] / sums[len(LOGGED) + i]) for i, key in enumerate(LOGGED) if sums[len(LOGGED) + i] > 0}
+    out["tokens"] = float(sums[-1])
+    if grad_norm is not None:
+        out["grad_norm"] = float(grad_norm)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: WorldModel, heldout: MixtureDataset, num_batches: int) -> dict[str, float]:
+    """Per-kind held-out loss and next-frame token accuracy over the first ``num_batches`` held-out batches."""
+    model.eval()
+    metrics = HeldoutMetrics()
+    for b in range(num_batches):
+        batch = heldout.batch(b)
+        inputs = model.packed_inputs(batch.packed)
+        metrics.update(model.logits(inputs["tokens"], inputs["doc_ids"], inputs["position_ids"]), batch)
+    return {k: round(float(v), 5) for k, v in metrics.result().items()}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    history: list[dict[str, float]]  # one record per step run in this process: step, lr, losses
+    final_metrics: dict[str, float] | None  # held-out evaluation at the end (None when stopped early)
+    export_dir: Path | None
+    train_seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {"stage": "world_model", "run_dir": str(self.run_dir), "step": self.step,
+                "train_seconds": round(self.train_seconds, 1),
+                "export_dir": str(self.export_dir) if self.export_dir else None, **(self.final_metrics or {})}
+
+
+def run(cfg: DictConfig) -> TrainResult:
+    """Train (or resume) the world model described by the composed ``configs/train.yaml``."""
+    parts = parse_config(cfg)
+    info = init_distributed(parts.loop.threads)
+    try:
+        return _run(cfg, parts, info)
+    finally:
+        teardown_distributed()
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any], tokenizer_id: str, log) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuses ambiguous or mismatched run dirs."""
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is not None and not cfg.resume and not cfg.overwrite:
+        raise FileExistsError(
+            f"{run_dir} already holds a checkpoint (step {read_checkpoint_meta(ckpt)['step']}). Pass resume=true "
+            "to continue it, overwrite=true to start over there, or choose another run_dir=..."
+        )
+    if not cfg.resume:
+        return None
+    if ckpt is None:
+        raise FileNotFoundError(f"resume=true but {run_dir} holds no checkpoint; drop resume=true to start a new run")
+    meta = read_checkpoint_meta(ckpt)
+    saved_id = meta["state"].get("tokenizer_id")
+    if saved_id != tokenizer_id:
+        raise ValueError(f"{ckpt} was trained on codes of tokenizer {saved_id}, but world_model.tokenizer is "
+                         f"{tokenizer_id}; resume with the same tokenizer or start a new run_dir")
+    diffs = config_diffs(meta["config"], resolved)
+    if diffs:
+        log("warning: resuming with settings that differ from the checkpoint (the loss curve will differ): "
+            + "; ".join(diffs))
+    return ckpt
+
+
+def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
+    loop = parts.loop
+    log = print if info.is_main else (lambda *a, **k: None)
+    run_dir = Path(cfg.run_dir)
+    per_step = loop.batch_size // parts.data.rows  # mixture batches per optimisation step (G)
+    if per_step % info.world_size:
+        raise ValueError(f"train.batch_size={loop.batch_size} gives {per_step} mixture batches of data.rows="
+                         f"{parts.data.rows} per step, not divisible by the {info.world_size} torchrun ranks")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    resolved["data"]["datasets"] = [asdict(s) for s in parts.data.datasets]  # what dataset.root resolved to
+
+    tokenizer = load_tokenizer(parts.stage.tokenizer)
+    tokenizer_id = tokenizer.identity()
+    ckpt_path = check_run_dir(cfg, run_dir, resolved, tokenizer_id, log)
+    prepare_token_cache(parts, tokenizer, info, log)
+    layout = SequenceLayout.from_config(parts.layout, tokenizer.codebook_size, tuple(tokenizer.grid))
+    train_data = MixtureDataset(parts.data, layout, tokenizer_id, split="train")
+    heldout = MixtureDataset(parts.data, layout, tokenizer_id, split="heldout") \
+        if parts.data.heldout_fraction > 0 else None
+    for (name, kind), p in train_data.probabilities.items():
+        log(f"data {name}/{kind.value}: {p:.3f} of the draws")
+
+    torch.manual_seed(int(cfg.seed))  # the same initial weights on every rank
+    model = WorldModel(parts.model, layout)
+    opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay)
+    log(f"world model: {model.num_parameters():,} parameters, vocabulary {layout.vocab_size}, "
+        f"{per_step} batches x {parts.data.rows} rows x {parts.data.max_len} tokens per step")
+    step, train_seconds = 0, 0.0
+    if ckpt_path is not None:
+        loaded = load_checkpoint(ckpt_path, checkpoint_modules(model), {"model": opt})
+        step, train_seconds = loaded.step, float(loaded.state.get("train_seconds", 0.0))
+        log(f"resumed from {ckpt_path} at step {step}")
+    logger = MetricLogger(run_dir, info.is_main, truncate_after_step=step if ckpt_path is not None else None)
+    if info.is_main and ckpt_path is None:
+        logger.path.unlink(missing_ok=True)
+
+    def save() -> None:
+        if info.is_main:
+            save_checkpoint(run_dir, checkpoint_modules(model), {"model": opt}, step,
+                            {"train_seconds": train_seconds, "tokenizer_id": tokenizer_id}, resolved)
+
+    history: list[dict[str, float]] = []
+    start_step = step
+    t_last = time.perf_counter()
+    while step < loop.steps:
+        t0 = time.perf_counter()
+        lr = cosine_lr(step, loop.steps, loop.lr, loop.warmup_steps, loop.min_lr_ratio)
+        set_lr(opt, lr)
+        logs = train_step(model, opt, train_data, step_batches(step, per_step, info), loop, info)
+        step += 1
+        train_seconds += time.perf_counter() - t0
+        record = {"step": step, "lr": lr, **logs}
+        history.append(record)
+        if step % loop.log_every == 0 or step == loop.steps:
+            record["sec_per_step"] = (time.perf_counter() - t_last) / loop.log_every
+            record["train_seconds"] = train_seconds
+            t_last = time.perf_counter()
+            logger.log({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
+        if heldout is not None and loop.eval_every > 0 and step % loop.eval_every == 0 and step < loop.steps \
+                and info.is_main:
+            logger.log({"step": step, "eval": evaluate(model, heldout, parts.stage.eval_batches)})
+        stopping = loop.stop_after is not None and step - start_step >= loop.stop_after and step < loop.steps
+        if step % loop.save_every == 0 or step == loop.steps or stopping:
+            save()
+        if stopping:
+            log(f"stopping after {loop.stop_after} steps at step {step} (train.stop_after); resume=true continues")
+            return TrainResult(run_dir, step, history, None, None, train_seconds)
+
+    final = export_dir = None
+    if info.is_main:
+        final = evaluate(model, heldout, parts.stage.eval_batches) if heldout is not None else {}
+        logger.log({"step": step, "eval": final, "train_seconds": round(train_seconds, 1)})
+        out = Path(parts.stage.export_dir) if parts.stage.export_dir else run_dir / "world_model"
+        export_dir = export(model, train_data, tokenizer, parts, resolved, final, train_seconds, info, out)
+    return TrainResult(run_dir, step, history, final, export_dir, train_seconds)
+
+
+def export(model: WorldModel, data: MixtureDataset, tokenizer: ImageTokenizer, parts: Parts,
+           resolved: dict[str, Any], metrics: dict[str, float], train_seconds: float, info: DistInfo,
+           out: Path) -> Path:
+    """Write the world model folder: weights + config (``WorldModel.save``), ``binners/<dataset>.json``
+    and ``manifest.json`` (command, config, data, tokenizer identity, code version, metrics)."""
+    model.save(out)
+    binners = out / "binners"
+    binners.mkdir(exist_ok=True)
+    for name, binner in data.binners.items():
+        binner.save(binners / f"{name}.json")
+    manifest = {
+        "command": command_line("emu_world.train"),
+        "code_version": code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tokenizer": {"path": parts.stage.tokenizer, "identity": tokenizer.identity(),
+                      "codebook_size": int(tokenizer.codebook_size), "grid": list(tokenizer.grid)},
+        "config": resolved,
+        "data": [{"name": s.name, "root": str(s.root), "embodiment": s.embodiment, "cameras": list(s.cameras),
+                  "train_episodes": len(s.split_episodes["train"]),
+                  "heldout_episodes": len(s.split_episodes["heldout"]),
+                  "kinds": {k.value: round(p, 4) for k, p in s.kind_probs.items()},
+                  "binner": f"binners/{s.name}.json" if s.binner is not None else None} for s in data.sources],
+        "mixture": {f"{name}/{kind.value}": round(p, 4) for (name, kind), p in data.probabilities.items()},
+        "metrics": metrics,
+        "train_seconds": round(train_seconds, 1),
+        "world_size": info.world_size,
+        "torch_threads_per_rank": torch.get_num_threads(),
+        "parameters": model.num_parameters(),
+        "note": "metrics: held-out episodes of the training datasets (the last data.heldout_fraction of each), "
+                "teacher-forced: per-kind weighted CE and next-frame vision-token argmax accuracy",
+    }
+    tmp = out / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    tmp.replace(out / "manifest.json")
+    print(f"exported world model to {out} (held-out {metrics})", flush=True)
+    return out
+
