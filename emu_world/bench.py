@@ -217,8 +217,16 @@ def print_table(summary: dict[str, Any]) -> None:
     print("\n".join(lines), flush=True)
 
 
+def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
+    """``world_model``: action-conditioned frame prediction; see :mod:`emu_world.bench_world_model`."""
+    from emu_world.bench_world_model import bench_world_model as run
+
+    return run(cfg)
+
+
 BENCHMARKS: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "tokenizer": bench_tokenizer,
+    "world_model": bench_world_model,
 }
 
 

@@ -1,0 +1,372 @@
+"""Benchmark ``world_model``: action-conditioned frame prediction on fresh simulator episodes.
+
+    python -m emu_world.bench world_model                                # checkpoints/world_model
+    python -m emu_world.bench world_model checkpoint=outputs/train/world_model/world_model
+    python -m emu_world.bench world_model tasks=[aloha_fold] episodes=2 starts=4 horizons=[1,4,16]
+    python -m emu_world.bench world_model vision.temperature=1.0 vision.top_k=64   # sampled, not greedy
+
+What is measured. For every task (an env whose dataset the model was trained on; default: all of
+them) the scripted expert plays ``episodes`` episodes (episode ``i`` resets with ``seed + i``; the
+datasets start at seed 0, so the default ``seed=1000`` gives unseen episodes) at the task's
+frame rate; frames are kept every ``frame_stride`` env steps of the task's embodiment (the
+export's ``data.frame_stride``: aloha 10, widowx 1, explore 1) from the camera the model was
+trained on (the first of the dataset's cameras). From ``starts`` start frames ``j`` per episode,
+the prompt is ``"<tag>: <task>"``, the last ``context_frames`` true frames (tokenizer codes) and
+the action span after each of them (the true actions, binned with the dataset's binner from the
+export, chosen as in training: the last action of each of the ``actions_per_frame`` sub-intervals)
+or, for exploration, the command text of the interval. The model generates frame ``j+1``
+(:class:`~emu_world.generate.Generator`, grammar-forced structure, greedy by default); the
+rollout then continues on its own predicted frames with the true actions: at every step the
+prompt holds the last ``context_frames`` frames (true ones while the window still reaches them,
+predicted ones after), up to ``max(horizons)`` frames ahead.
+
+Metrics at each horizon ``h``: PSNR / SSIM of the decoded prediction of frame ``j+h`` against the
+simulator's frame, and token accuracy (the fraction of its codes equal to the tokenizer's codes of
+the true frame). Two references on the same frames: ``copy_last`` (the true frame ``j``, the last
+one observed, raw pixels, against frame ``j+h``) and the ``ceiling`` (the tokenizer's own
+reconstruction of frame ``j+h``: what a perfect code prediction would score). Plus seconds per
+generated frame, and training throughput: ``throughput.steps`` forward+backward+AdamW steps (after
+one warm-up) of a copy of the model on ``data.rows`` packed rows of ``data.max_len`` tokens built
+from the recorded episodes exactly like training samples; tokens/s counts non-padding tokens. Peak
+RSS is the process's (``resource.getrusage``, recording and rollouts included); ``train_state_mb``
+is weights + gradients + AdamW moments.
+
+JSON keys. The headline keys (``psnr_<h>``, ``ssim_<h>``, ``token_acc_<h>``, ``copy_last_psnr_<h>``,
+``copy_last_ssim_<h>``, ``ceiling_psnr``) are those of ``headline_task`` (aloha_fold by default, the
+issue's target: 1-step PSNR >= copy-last + 3 dB, still above copy-last at 16 steps), or of the first
+measured task when it is not measured (``headline_task`` in the JSON says which). ``mean_psnr_<h>``
+and ``mean_copy_last_psnr_<h>`` average over tasks; ``per_task`` holds every task's table.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from emu_world.config import CONFIG_DIR, EnvConfig, to_dataclass
+from emu_world.data.sequences import span_steps
+from emu_world.generate import GenerationConfig, Generator, Sampling
+from emu_world.image_metrics import psnr_per_frame, ssim_per_frame
+from emu_world.layout import ActionBinner, LayoutConfig, Sample, SequenceLayout
+from emu_world.world_model import WorldModel
+
+TRAIN_COMMAND = ("python -m emu_world.train stage=world_model dataset.root=datasets "
+                 "world_model.export_dir=checkpoints/world_model")
+
+
+# ----------------------------------------------------------------------------- the export
+
+
+@dataclass
+class TaskSpec:
+    """How the model saw one task's dataset in training."""
+
+    task: str  # env / dataset name
+    tag: str  # embodiment tag, the prompt's prefix
+    camera: str  # short camera name, e.g. "top"
+    stride: int  # env steps between frames
+    binner: ActionBinner | None  # None: an exploration (command) dataset
+    commands: tuple[str, ...] | None
+
+
+@dataclass
+class Export:
+    path: Path
+    manifest: dict[str, Any]
+    layout: SequenceLayout
+    model: WorldModel
+    tasks: dict[str, TaskSpec]  # every simulator task of the training data
+
+
+def load_export(checkpoint: Path, tokenizer) -> Export:
+    """The world-model folder written by ``train stage=world_model``: model, layout, binners, strides;
+    refuses a tokenizer other than the one it was trained on."""
+    import envs
+
+    manifest_path = checkpoint / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"{checkpoint} holds no world model export (manifest.json is missing). Train one with `{TRAIN_COMMAND}` "
+            "or point the benchmark at an export with checkpoint=<folder>"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    trained_id = manifest["tokenizer"]["identity"]
+    if trained_id != tokenizer.identity():
+        raise ValueError(
+            f"the world model {checkpoint} was trained on codes of tokenizer {trained_id} "
+            f"({manifest['tokenizer'].get('path')}), but the tokenizer given is {tokenizer.identity()}; "
+            "pass that tokenizer with tokenizer=<folder>"
+        )
+    config = manifest["config"]
+    layout_cfg = to_dataclass(LayoutConfig, OmegaConf.create(config["layout"]))
+    layout = SequenceLayout.from_config(layout_cfg, tokenizer.codebook_size, tuple(tokenizer.grid))
+    model = WorldModel.load(checkpoint, layout)
+    strides = config["data"]["frame_stride"]
+    tasks = {}
+    for entry in manifest["data"]:
+        name = str(entry["name"])
+        if not (CONFIG_DIR / "env" / f"{name}.yaml").is_file():
+            continue  # a dataset this checkout cannot simulate
+        commands = getattr(envs.task_spec(name).env_cls(), "commands", None)
+        binner = ActionBinner.load(checkpoint / entry["binner"]) if entry.get("binner") else None
+        tasks[name] = TaskSpec(name, str(entry["embodiment"]),
+                               str(entry["cameras"][0]).removeprefix("observation.images."),
+                               int(strides[entry["embodiment"]]), binner, tuple(commands) if commands else None)
+    return Export(checkpoint, manifest, layout, model, tasks)
+
+
+# ----------------------------------------------------------------------------- episodes
+
+
+@dataclass
+class Episode:
+    task: str
+    text: str  # the instruction (without the tag)
+    seed: int
+    frames: np.ndarray  # (n, H, W, 3) uint8: every stride-th observation
+    actions: np.ndarray  # (T, A) float32: every env step's action as the actuators received it
+
+
+def record_episodes(spec: TaskSpec, image_size: int, seed: int, episodes: int,
+                    max_episode_steps: int | None) -> list[Episode]:
+    """The scripted expert's episodes ``seed..seed+episodes-1``: observation before every action, and the action."""
+    import envs
+    from emu_world.evaluate import run_episode
+
+    env_cfg = to_dataclass(EnvConfig, OmegaConf.load(CONFIG_DIR / "env" / f"{spec.task}.yaml"))
+    env_cfg.image_size = image_size
+    if max_episode_steps:
+        env_cfg.max_episode_steps = int(max_episode_steps)
+    env = env_cfg.make()
+    expert = envs.make_expert(spec.task, env)
+    out = []
+    try:
+        for i in range(episodes):
+            frames: list[np.ndarray] = []
+            actions: list[np.ndarray] = []
+
+            def on_step(obs, action, next_obs, reward, terminated, truncated, info, subtask):
+                frames.append(np.asarray(obs["pixels"][spec.camera]))
+                actions.append(np.asarray(action, dtype=np.float32).reshape(-1))
+
+            run_episode(env, expert, seed + i, i, on_step=on_step)
+            out.append(Episode(spec.task, str(env.unwrapped.task), seed + i, np.stack(frames[::spec.stride]),
+                               np.stack(actions)))
+    finally:
+        env.close()
+    return out
+
+
+def interval_conditions(layout: SequenceLayout, spec: TaskSpec, ep: Episode) -> list[Any]:
+    """What sits between frame i and frame i+1 (i < n-1): (k, A) action bins, or the command text."""
+    n, s = len(ep.frames), spec.stride
+    if spec.commands is not None:
+        index = np.rint(ep.actions[:, 0]).astype(np.int64)
+        return [", ".join(spec.commands[c] for c in index[i * s:(i + 1) * s]) for i in range(n - 1)]
+    assert spec.binner is not None
+    k = layout.config.actions_per_frame
+    steps = span_steps(s * np.arange(n, dtype=np.int64), s, k).reshape(n - 1, k)
+    return [spec.binner.encode(ep.actions[st]) for st in steps]
+
+
+def build_sample(layout: SequenceLayout, spec: TaskSpec, text: str, codes: np.ndarray, conds: list[Any],
+                 end: bool) -> Sample:
+    """A dynamics (or exploration) sample of ``codes`` (n, h, w) and the conditions after them."""
+    prompt = f"{spec.tag}: {text}"
+    if spec.commands is not None:
+        return layout.exploration(prompt, codes, conds, end=end)
+    bins = np.concatenate(conds) if conds else np.zeros((0, spec.binner.action_dim), dtype=np.int64)
+    return layout.dynamics(prompt, codes, bins, end=end)
+
+
+def start_frames(n: int, context: int, horizon: int, starts: int) -> list[int]:
+    """Up to ``starts`` evenly spaced start frames j with ``context`` frames up to j and ``horizon`` after."""
+    lo, hi = context - 1, n - 1 - horizon
+    if hi < lo:
+        return []
+    return sorted({int(round(x)) for x in np.linspace(lo, hi, starts)})
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+def rollout(gen: Generator, layout: SequenceLayout, spec: TaskSpec, ep: Episode, codes: np.ndarray,
+            conds: list[Any], j: int, context: int, horizon: int, seed: int) -> tuple[np.ndarray, float]:
+    """Predicted codes (horizon, h, w) of frames j+1..j+horizon from the true frames up to j and the
+    true conditions, each step fed the model's own earlier predictions; and the generation seconds."""
+    window = list(codes[j - context + 1:j + 1])
+    preds, seconds = [], 0.0
+    for step in range(horizon):
+        t = j + step  # the last frame in the window is frame t
+        sample = build_sample(layout, spec, ep.text, np.stack(window), conds[t - len(window) + 1:t + 1], end=False)
+        out = gen.generate_frame(sample.tokens, seed=seed + step)
+        preds.append(out.codes)
+        seconds += out.result.seconds
+        window = (window + [out.codes])[-context:]
+    return np.stack(preds), seconds
+
+
+def frame_scores(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame PSNR and SSIM of uint8 batches."""
+    return psnr_per_frame(a, b).numpy(), ssim_per_frame(a, b).numpy()
+
+
+def measure_task(gen: Generator, tokenizer, ex: Export, spec: TaskSpec, episodes: list[Episode],
+                 cfg: DictConfig) -> tuple[dict[str, Any], list[Sample]]:
+    """Per-horizon metrics of one task, and its episodes as training samples (for the throughput)."""
+    horizons = sorted({int(h) for h in cfg.horizons})
+    H, C = max(horizons), int(cfg.context_frames)
+    acc = {h: {k: [] for k in ("psnr", "ssim", "token_acc", "copy_psnr", "copy_ssim", "ceiling_psnr")}
+           for h in horizons}
+    seconds, generated, samples = 0.0, 0, []
+    for ep in episodes:
+        codes = tokenizer.encode(ep.frames).numpy()  # (n, h, w)
+        recon = tokenizer.decode(codes).numpy()  # (n, H, W, 3)
+        conds = interval_conditions(ex.layout, spec, ep)
+        per = int(ex.manifest["config"]["data"]["frames_per_window"])
+        for a in range(0, len(codes) - 1, per - 1):
+            b = min(a + per, len(codes))
+            samples.append(build_sample(ex.layout, spec, ep.text, codes[a:b], conds[a:b - 1], end=True))
+        for j in start_frames(len(ep.frames), C, H, int(cfg.starts)):
+            pred, sec = rollout(gen, ex.layout, spec, ep, codes, conds, j, C, H, int(cfg.seed) + j)
+            seconds, generated = seconds + sec, generated + H
+            pred_frames = tokenizer.decode(pred).numpy()  # (H, H, W, 3)
+            for h in horizons:
+                true = ep.frames[j + h][None]
+                p, s = frame_scores(pred_frames[h - 1][None], true)
+                cp, cs = frame_scores(ep.frames[j][None], true)
+                acc[h]["psnr"].append(p[0])
+                acc[h]["ssim"].append(s[0])
+                acc[h]["token_acc"].append(float((pred[h - 1] == codes[j + h]).mean()))
+                acc[h]["copy_psnr"].append(cp[0])
+                acc[h]["copy_ssim"].append(cs[0])
+                acc[h]["ceiling_psnr"].append(frame_scores(recon[j + h][None], true)[0][0])
+    if not generated:
+        raise ValueError(f"{spec.task}: no episode is long enough for {C} context frame(s) and {H} frames ahead "
+                         f"(every {spec.stride} env steps); lower horizons or context_frames")
+    rows = {str(h): {k: round(float(np.mean(v)), 4) for k, v in acc[h].items()} for h in horizons}
+    return {"rollouts": len(acc[H]["psnr"]), "frames": int(sum(len(e.frames) for e in episodes)),
+            "stride": spec.stride, "camera": spec.camera, "sec_per_frame": round(seconds / generated, 3),
+            "horizons": rows}, samples
+
+
+# ----------------------------------------------------------------------------- training throughput
+
+
+def training_throughput(model: WorldModel, layout: SequenceLayout, samples: list[Sample], max_len: int,
+                        rows: int, steps: int) -> dict[str, float]:
+    """Tokens/s of forward+backward+AdamW on a copy of ``model`` over ``rows`` packed rows of ``max_len``
+    (one untimed warm-up step first)."""
+    packed = layout.pack(samples, max_len)
+    while packed.tokens.shape[0] < rows:  # too few samples to fill the rows: repeat them
+        samples = samples + samples
+        packed = layout.pack(samples, max_len)
+    inputs = {k: torch.as_tensor(getattr(packed, k)[:rows])
+              for k in ("tokens", "weights", "roles", "doc_ids", "position_ids")}
+    train_model = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(train_model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss, _ = train_model(**inputs)
+        loss.backward()
+        opt.step()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = time.perf_counter() - t0
+    tokens = int((packed.doc_ids[:rows] >= 0).sum())
+    state_bytes = sum(p.numel() * p.element_size() for p in train_model.parameters()) * 4  # weights, grads, 2 moments
+    return {"train_tokens_per_second": round(tokens * steps / seconds, 1),
+            "train_sec_per_step": round(seconds / steps, 3),
+            "train_rows": rows, "train_max_len": max_len, "train_tokens_per_step": tokens,
+            "train_state_mb": round(state_bytes / 2**20, 2)}
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
+    from emu_world.bench import resolve_path
+    from emu_world.tokenizer import load_tokenizer
+
+    torch.set_num_threads(int(cfg.threads))
+    checkpoint = resolve_path(cfg.checkpoint)
+    tokenizer = load_tokenizer(resolve_path(cfg.tokenizer))
+    ex = load_export(checkpoint, tokenizer)
+    names = [str(t) for t in cfg.tasks] if cfg.tasks else list(ex.tasks)
+    missing = [t for t in names if t not in ex.tasks]
+    if missing or not names:
+        raise ValueError(f"the world model {checkpoint} was not trained on {missing or 'any simulator task'}; "
+                         f"its simulator tasks: {sorted(ex.tasks)}")
+    horizons = sorted({int(h) for h in cfg.horizons})
+    if horizons[0] < 1 or int(cfg.context_frames) < 1 or int(cfg.starts) < 1:
+        raise ValueError("horizons, context_frames and starts must be >= 1")
+    vision = Sampling(float(cfg.vision.temperature), int(cfg.vision.top_k))
+    per_task, samples = {}, []
+    for name in names:
+        spec = ex.tasks[name]
+        t0 = time.perf_counter()
+        episodes = record_episodes(spec, int(tokenizer.image_size), int(cfg.seed), int(cfg.episodes),
+                                   cfg.max_episode_steps)
+        t1 = time.perf_counter()
+        gen = Generator(ex.model, ex.layout, GenerationConfig(vision=vision),
+                        action_dim=spec.binner.action_dim if spec.binner is not None else None)
+        per_task[name], task_samples = measure_task(gen, tokenizer, ex, spec, episodes, cfg)
+        samples += task_samples
+        print(f"{name}: recorded {per_task[name]['frames']} frames in {t1 - t0:.1f}s, "
+              f"{per_task[name]['rollouts']} rollouts in {time.perf_counter() - t1:.1f}s", file=sys.stderr, flush=True)
+    data_cfg = ex.manifest["config"]["data"]
+    speed = training_throughput(ex.model, ex.layout, samples, int(data_cfg["max_len"]), int(data_cfg["rows"]),
+                                int(cfg.throughput.steps)) if int(cfg.throughput.steps) > 0 else {}
+    head = str(cfg.headline_task) if str(cfg.headline_task) in per_task else names[0]
+    rows = per_task[head]["horizons"]
+    summary: dict[str, Any] = {
+        "benchmark": "world_model", "checkpoint": str(checkpoint), "tokenizer": tokenizer.identity(),
+        "headline_task": head,
+        **{f"{key}_{h}": rows[str(h)][src] for h in horizons
+           for key, src in (("psnr", "psnr"), ("ssim", "ssim"), ("token_acc", "token_acc"),
+                            ("copy_last_psnr", "copy_psnr"), ("copy_last_ssim", "copy_ssim"))},
+        "ceiling_psnr": round(float(np.mean([rows[str(h)]["ceiling_psnr"] for h in horizons])), 4),
+        **{f"mean_{key}_{h}": round(float(np.mean([t["horizons"][str(h)][src] for t in per_task.values()])), 4)
+           for h in horizons for key, src in (("psnr", "psnr"), ("copy_last_psnr", "copy_psnr"))},
+        "sec_per_frame": round(float(np.mean([t["sec_per_frame"] for t in per_task.values()])), 3),
+        **speed,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "parameters": ex.model.num_parameters(), "threads": torch.get_num_threads(),
+        "decoding": "greedy" if vision.temperature == 0 else f"temperature {vision.temperature}, top-k {vision.top_k}",
+        "context_frames": int(cfg.context_frames), "horizons": horizons, "seed": int(cfg.seed),
+        "episodes": int(cfg.episodes), "starts": int(cfg.starts), "per_task": per_task,
+    }
+    print_table(summary)
+    return summary
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    lines = ["| task | h | PSNR dB | copy-last dB | ceiling dB | SSIM | copy-last SSIM | token acc | rollouts |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, t in summary["per_task"].items():
+        for h, r in t["horizons"].items():
+            lines.append(f"| {name} | {h} | {r['psnr']:.2f} | {r['copy_psnr']:.2f} | {r['ceiling_psnr']:.2f} | "
+                         f"{r['ssim']:.4f} | {r['copy_ssim']:.4f} | {r['token_acc']:.3f} | {t['rollouts']} |")
+    lines.append(f"headline keys (psnr_<h>, copy_last_psnr_<h>, ceiling_psnr): {summary['headline_task']}; "
+                 f"mean_* average over tasks. Decoding {summary['decoding']}, {summary['context_frames']} context "
+                 f"frame(s), {summary['sec_per_frame']:.2f} s per generated frame ({summary['threads']} threads); "
+                 f"peak RSS {summary['peak_rss_mb']:.0f} MB.")
+    if "train_tokens_per_second" in summary:
+        lines.append(f"training: {summary['train_tokens_per_second']:.0f} tokens/s ({summary['train_rows']} rows x "
+                     f"{summary['train_max_len']}, {summary['train_sec_per_step']:.2f} s/step), train state "
+                     f"(weights, gradients, AdamW moments) {summary['train_state_mb']:.1f} MB")
+    print("\n".join(lines), flush=True)
