@@ -38,8 +38,8 @@ from emu_world.config import to_dataclass
 from emu_world.image_metrics import code_usage, psnr
 from emu_world.tokenizer import TokenizerConfig, VisionTokenizer, check_config_match, frames_to_tensor
 from emu_world.training import (
-    DistInfo, MetricLogger, all_reduce_mean, all_reduce_sum, average_gradients, batch_indices, broadcast_,
-    code_version, command_line, cosine_lr, find_checkpoint, init_distributed, load_checkpoint,
+    DistInfo, MetricLogger, TrainResult, all_reduce_mean, all_reduce_sum, average_gradients, batch_indices,
+    broadcast_, checkpoint_to_resume, code_version, command_line, cosine_lr, init_distributed, load_checkpoint,
     read_checkpoint_meta, save_checkpoint, set_lr, teardown_distributed,
 )
 
@@ -406,21 +406,6 @@ def evaluate(model: VisionTokenizer, sets: list[FrameSet], batch_size: int = 64)
 
 
 @dataclass
-class TrainResult:
-    run_dir: Path
-    step: int
-    history: list[dict[str, float]]  # one record per step run in this process: step, lr, losses
-    final_metrics: dict[str, Any] | None  # held-out evaluation at the end (None when stopped early)
-    export_dir: Path | None
-    train_seconds: float
-
-    def summary(self) -> dict[str, Any]:
-        return {"stage": "tokenizer", "run_dir": str(self.run_dir), "step": self.step,
-                "train_seconds": round(self.train_seconds, 1), "export_dir": str(self.export_dir) if self.export_dir else None,
-                **(self.final_metrics or {})}
-
-
-@dataclass
 class Parts:
     tokenizer: TokenizerConfig
     data: FrameDataConfig
@@ -476,15 +461,8 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
         raise ValueError(f"train.batch_size={loop.batch_size} must be divisible by the {info.world_size} torchrun ranks")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
-    ckpt_path = find_checkpoint(run_dir)
-    if ckpt_path is not None and not cfg.resume and not cfg.overwrite:
-        raise FileExistsError(
-            f"{run_dir} already holds a checkpoint (step {read_checkpoint_meta(ckpt_path)['step']}). Pass resume=true "
-            "to continue it, overwrite=true to start over there, or choose another run_dir=..."
-        )
-    if cfg.resume and ckpt_path is None:
-        raise FileNotFoundError(f"resume=true but {run_dir} holds no checkpoint; drop resume=true to start a new run")
-    resuming = bool(cfg.resume)
+    ckpt_path = checkpoint_to_resume(run_dir, bool(cfg.resume), bool(cfg.overwrite))
+    resuming = ckpt_path is not None
     if resuming:
         diffs = check_resume_config(read_checkpoint_meta(ckpt_path)["config"], resolved, ckpt_path)
         if diffs:
@@ -559,7 +537,7 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
             checkpoint()
         if stopping:
             log(f"stopping after {loop.stop_after} steps at step {step} (train.stop_after); resume=true continues")
-            return TrainResult(run_dir, step, history, None, None, train_seconds)
+            return TrainResult("tokenizer", run_dir, step, history, None, None, train_seconds)
 
     final = export_dir = None
     if info.is_main:
@@ -568,7 +546,7 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
         export_dir = export(model, parts, sets, resolved, final, train_seconds, data_seconds, info,
                             Path(parts.export.dir) if parts.export.dir else run_dir / "tokenizer")
         final = json.loads((export_dir / "manifest.json").read_text())["metrics"]
-    return TrainResult(run_dir, step, history, final, export_dir, train_seconds)
+    return TrainResult("tokenizer", run_dir, step, history, final, export_dir, train_seconds)
 
 
 def export(model: VisionTokenizer, parts: Parts, sets: list[FrameSet], resolved: dict[str, Any],

@@ -52,8 +52,8 @@ from emu_world.layout import LayoutConfig, SequenceLayout
 from emu_world.tokenizer import ImageTokenizer, load_tokenizer
 from emu_world.train_tokenizer import FrameDataConfig, LoopConfig, resolve_roots
 from emu_world.training import (
-    DistInfo, MetricLogger, all_reduce_sum, average_gradients, code_version, command_line, cosine_lr,
-    find_checkpoint, init_distributed, load_checkpoint, read_checkpoint_meta, save_checkpoint, set_lr,
+    DistInfo, MetricLogger, TrainResult, all_reduce_sum, average_gradients, checkpoint_to_resume, code_version,
+    command_line, cosine_lr, init_distributed, load_checkpoint, read_checkpoint_meta, save_checkpoint, set_lr,
     teardown_distributed,
 )
 from emu_world.world_model import WorldModel, WorldModelConfig
@@ -200,21 +200,6 @@ def evaluate(model: WorldModel, heldout: MixtureDataset, num_batches: int) -> di
 # ----------------------------------------------------------------------------- the run
 
 
-@dataclass
-class TrainResult:
-    run_dir: Path
-    step: int
-    history: list[dict[str, float]]  # one record per step run in this process: step, lr, losses
-    final_metrics: dict[str, float] | None  # held-out evaluation at the end (None when stopped early)
-    export_dir: Path | None
-    train_seconds: float
-
-    def summary(self) -> dict[str, Any]:
-        return {"stage": "world_model", "run_dir": str(self.run_dir), "step": self.step,
-                "train_seconds": round(self.train_seconds, 1),
-                "export_dir": str(self.export_dir) if self.export_dir else None, **(self.final_metrics or {})}
-
-
 def run(cfg: DictConfig) -> TrainResult:
     """Train (or resume) the world model described by the composed ``configs/train.yaml``."""
     parts = parse_config(cfg)
@@ -227,16 +212,9 @@ def run(cfg: DictConfig) -> TrainResult:
 
 def check_run_dir(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any], tokenizer_id: str, log) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); refuses ambiguous or mismatched run dirs."""
-    ckpt = find_checkpoint(run_dir)
-    if ckpt is not None and not cfg.resume and not cfg.overwrite:
-        raise FileExistsError(
-            f"{run_dir} already holds a checkpoint (step {read_checkpoint_meta(ckpt)['step']}). Pass resume=true "
-            "to continue it, overwrite=true to start over there, or choose another run_dir=..."
-        )
-    if not cfg.resume:
-        return None
+    ckpt = checkpoint_to_resume(run_dir, bool(cfg.resume), bool(cfg.overwrite))
     if ckpt is None:
-        raise FileNotFoundError(f"resume=true but {run_dir} holds no checkpoint; drop resume=true to start a new run")
+        return None
     meta = read_checkpoint_meta(ckpt)
     saved_id = meta["state"].get("tokenizer_id")
     if saved_id != tokenizer_id:
@@ -316,7 +294,7 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
             save()
         if stopping:
             log(f"stopping after {loop.stop_after} steps at step {step} (train.stop_after); resume=true continues")
-            return TrainResult(run_dir, step, history, None, None, train_seconds)
+            return TrainResult("world_model", run_dir, step, history, None, None, train_seconds)
 
     final = export_dir = None
     if info.is_main:
@@ -324,7 +302,7 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
         logger.log({"step": step, "eval": final, "train_seconds": round(train_seconds, 1)})
         out = Path(parts.stage.export_dir) if parts.stage.export_dir else run_dir / "world_model"
         export_dir = export(model, train_data, tokenizer, parts, resolved, final, train_seconds, info, out)
-    return TrainResult(run_dir, step, history, final, export_dir, train_seconds)
+    return TrainResult("world_model", run_dir, step, history, final, export_dir, train_seconds)
 
 
 def export(model: WorldModel, data: MixtureDataset, tokenizer: ImageTokenizer, parts: Parts,

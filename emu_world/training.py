@@ -205,6 +205,40 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return olds[-1] if olds else None
 
 
+def checkpoint_to_resume(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint a run continues from: None for a fresh run; refuses to silently reuse or
+    ignore a run dir (an existing checkpoint needs resume=true or overwrite=true)."""
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is not None and not resume and not overwrite:
+        raise FileExistsError(
+            f"{run_dir} already holds a checkpoint (step {read_checkpoint_meta(ckpt)['step']}). Pass resume=true "
+            "to continue it, overwrite=true to start over there, or choose another run_dir=..."
+        )
+    if not resume:
+        return None
+    if ckpt is None:
+        raise FileNotFoundError(f"resume=true but {run_dir} holds no checkpoint; drop resume=true to start a new run")
+    return ckpt
+
+
+@dataclass
+class TrainResult:
+    """What a training stage returns; ``summary()`` is the one-line JSON the CLI prints."""
+
+    stage: str
+    run_dir: Path
+    step: int
+    history: list[dict[str, float]]  # one record per step run in this process: step, lr, losses
+    final_metrics: dict[str, Any] | None  # held-out evaluation at the end (None when stopped early)
+    export_dir: Path | None
+    train_seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {"stage": self.stage, "run_dir": str(self.run_dir), "step": self.step,
+                "train_seconds": round(self.train_seconds, 1),
+                "export_dir": str(self.export_dir) if self.export_dir else None, **(self.final_metrics or {})}
+
+
 @dataclass
 class LoadedCheckpoint:
     path: Path
