@@ -84,7 +84,8 @@ def record_task_frames(task: str, image_size: int, seed: int, episodes: int, fra
 def dataset_task_frames(roots: Any, held_out: int, frame_stride: int, image_size: int) -> list[TaskFrames]:
     """The last ``held_out`` episodes of each dataset (the ones training holds out), every camera."""
     from emu_world.data.robot_dataset import RobotDataset
-    from emu_world.train_tokenizer import decode_episode_frames, resolve_roots
+    from emu_world.train_tokenizer import decode_episode_frames
+    from emu_world.training import resolve_roots
 
     items = roots if isinstance(roots, (list, tuple)) else [roots]
     out = []

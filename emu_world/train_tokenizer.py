@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,57 +38,10 @@ from emu_world.config import to_dataclass
 from emu_world.image_metrics import code_usage, psnr
 from emu_world.tokenizer import TokenizerConfig, VisionTokenizer, check_config_match, frames_to_tensor
 from emu_world.training import (
-    DistInfo, MetricLogger, TrainResult, all_reduce_mean, all_reduce_sum, average_gradients, batch_indices,
+    DistInfo, FrameDataConfig, LoopConfig, MetricLogger, TrainResult, all_reduce_mean, all_reduce_sum, average_gradients, batch_indices,
     broadcast_, checkpoint_to_resume, code_version, command_line, cosine_lr, init_distributed, load_checkpoint,
-    read_checkpoint_meta, save_checkpoint, set_lr, teardown_distributed,
+    read_checkpoint_meta, resolve_roots, save_checkpoint, set_lr, teardown_distributed,
 )
-
-
-@dataclass
-class FrameDataConfig:
-    """``dataset:`` section of ``configs/train.yaml``."""
-
-    root: Any = "datasets"  # a dataset folder, a folder of datasets, or a list of them
-    cameras: list[str] | None = None  # None: every camera of every dataset
-    frames_per_dataset: int = 6000  # training frames taken from each (dataset, camera)
-    eval_episodes: int = 2  # the last N episodes of each dataset are held out
-    eval_frames: int = 256  # held-out frames per (dataset, camera) used by `evaluate`
-
-    def __post_init__(self) -> None:
-        if self.frames_per_dataset < 1 or self.eval_episodes < 1 or self.eval_frames < 1:
-            raise ValueError("dataset.frames_per_dataset, eval_episodes and eval_frames must be positive")
-
-    @property
-    def roots(self) -> list[Path]:
-        items = self.root if isinstance(self.root, (list, tuple)) else [self.root]
-        if not items:
-            raise ValueError("dataset.root is empty; give a dataset folder or a folder of datasets")
-        return [Path(str(r)) for r in items]
-
-
-@dataclass
-class LoopConfig:
-    """``train:`` section: stage-independent loop settings."""
-
-    steps: int = 3000
-    batch_size: int = 32  # global batch (split over torchrun ranks)
-    lr: float = 2e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.05
-    grad_clip: float = 1.0
-    threads: int = 2  # torch threads in total (divided among ranks)
-    log_every: int = 25
-    eval_every: int = 500
-    save_every: int = 200
-    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this process
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"train.steps and train.batch_size must be positive, got {self.steps}, {self.batch_size}")
-        if self.threads < 1:
-            raise ValueError(f"train.threads must be >= 1, got {self.threads}")
 
 
 @dataclass
@@ -148,23 +101,6 @@ class FrameSet:
         return {"root": self.root, "camera": self.camera, "env": self.env, "train_episodes": self.train_episodes,
                 "held_out_episodes": self.held_out_episodes, "train_frames": int(len(self.train)),
                 "held_out_frames": int(len(self.held_out)), "frame_stride": self.stride}
-
-
-def resolve_roots(roots: list[Path]) -> list[Path]:
-    """Expand folders of datasets into dataset folders (those holding ``meta/info.json``)."""
-    out: list[Path] = []
-    for root in roots:
-        if (root / "meta" / "info.json").is_file():
-            out.append(root)
-            continue
-        found = sorted(p.parent.parent for p in root.glob("*/meta/info.json"))
-        if not found:
-            raise FileNotFoundError(
-                f"dataset.root {root} is neither a LeRobot dataset (no meta/info.json) nor a folder of datasets. "
-                "Record one with `python -m emu_world.record env=<task> dataset.root=datasets/<task>`."
-            )
-        out.extend(found)
-    return out
 
 
 def episode_table(root: Path) -> list[dict[str, Any]]:
@@ -532,7 +468,7 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
             logger.log({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()})
         if loop.eval_every > 0 and step % loop.eval_every == 0 and step < loop.steps and info.is_main:
             logger.log({"step": step, "eval": evaluate(model, sets)})
-        stopping = loop.stop_after is not None and step - start_step >= loop.stop_after and step < loop.steps
+        stopping = loop.stop_requested(step, start_step)
         if step % loop.save_every == 0 or step == loop.steps or stopping:
             checkpoint()
         if stopping:

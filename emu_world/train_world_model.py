@@ -50,11 +50,10 @@ from emu_world.data.sequences import DataConfig, DatasetSpec, HeldoutMetrics, Mi
 from emu_world.data.tokenize import tokenize_dataset
 from emu_world.layout import LayoutConfig, SequenceLayout
 from emu_world.tokenizer import ImageTokenizer, load_tokenizer
-from emu_world.train_tokenizer import FrameDataConfig, LoopConfig, resolve_roots
 from emu_world.training import (
-    DistInfo, MetricLogger, TrainResult, all_reduce_sum, average_gradients, checkpoint_to_resume, code_version,
-    command_line, cosine_lr, init_distributed, load_checkpoint, read_checkpoint_meta, save_checkpoint, set_lr,
-    teardown_distributed,
+    DistInfo, FrameDataConfig, LoopConfig, MetricLogger, TrainResult, all_reduce_sum, average_gradients, checkpoint_to_resume, code_version,
+    command_line, cosine_lr, init_distributed, load_checkpoint, read_checkpoint_meta, resolve_roots, save_checkpoint,
+    set_lr, teardown_distributed,
 )
 from emu_world.world_model import WorldModel, WorldModelConfig
 
@@ -289,7 +288,7 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
         if heldout is not None and loop.eval_every > 0 and step % loop.eval_every == 0 and step < loop.steps \
                 and info.is_main:
             logger.log({"step": step, "eval": evaluate(model, heldout, parts.stage.eval_batches)})
-        stopping = loop.stop_after is not None and step - start_step >= loop.stop_after and step < loop.steps
+        stopping = loop.stop_requested(step, start_step)
         if step % loop.save_every == 0 or step == loop.steps or stopping:
             save()
         if stopping:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,78 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_DIR = "checkpoint"
+
+
+# ----------------------------------------------------------------------------- configs shared by stages
+
+
+@dataclass
+class FrameDataConfig:
+    """``dataset:`` section of ``configs/train.yaml``."""
+
+    root: Any = "datasets"  # a dataset folder, a folder of datasets, or a list of them
+    cameras: list[str] | None = None  # None: every camera of every dataset
+    frames_per_dataset: int = 6000  # training frames taken from each (dataset, camera)
+    eval_episodes: int = 2  # the last N episodes of each dataset are held out
+    eval_frames: int = 256  # held-out frames per (dataset, camera) used by `evaluate`
+
+    def __post_init__(self) -> None:
+        if self.frames_per_dataset < 1 or self.eval_episodes < 1 or self.eval_frames < 1:
+            raise ValueError("dataset.frames_per_dataset, eval_episodes and eval_frames must be positive")
+
+    @property
+    def roots(self) -> list[Path]:
+        items = self.root if isinstance(self.root, (list, tuple)) else [self.root]
+        if not items:
+            raise ValueError("dataset.root is empty; give a dataset folder or a folder of datasets")
+        return [Path(str(r)) for r in items]
+
+
+@dataclass
+class LoopConfig:
+    """``train:`` section: stage-independent loop settings."""
+
+    steps: int = 3000
+    batch_size: int = 32  # global batch (split over torchrun ranks)
+    lr: float = 2e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    threads: int = 2  # torch threads in total (divided among ranks)
+    log_every: int = 25
+    eval_every: int = 500
+    save_every: int = 200
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this process
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"train.steps and train.batch_size must be positive, got {self.steps}, {self.batch_size}")
+        if self.threads < 1:
+            raise ValueError(f"train.threads must be >= 1, got {self.threads}")
+
+    def stop_requested(self, step: int, start_step: int) -> bool:
+        """``stop_after`` steps ran in this process before the end: checkpoint and return early."""
+        return self.stop_after is not None and step - start_step >= self.stop_after and step < self.steps
+
+
+def resolve_roots(roots: list[Path]) -> list[Path]:
+    """Expand folders of datasets into dataset folders (those holding ``meta/info.json``)."""
+    out: list[Path] = []
+    for root in roots:
+        if (root / "meta" / "info.json").is_file():
+            out.append(root)
+            continue
+        found = sorted(p.parent.parent for p in root.glob("*/meta/info.json"))
+        if not found:
+            raise FileNotFoundError(
+                f"dataset.root {root} is neither a LeRobot dataset (no meta/info.json) nor a folder of datasets. "
+                "Record one with `python -m emu_world.record env=<task> dataset.root=datasets/<task>`."
+            )
+        out.extend(found)
+    return out
+
 
 
 @dataclass

@@ -207,6 +207,17 @@ class Waypoint:
     gripper: float
 
 
+def rot_from_axes(x_axis: Sequence[float], y_axis: Sequence[float]) -> np.ndarray:
+    """Rotation (3, 3) whose columns are the gripper frame axes: x along the fingers, y the
+    direction the fingers close along; z completes a right-handed frame."""
+    x = np.asarray(x_axis, dtype=np.float64)
+    y = np.asarray(y_axis, dtype=np.float64)
+    x = x / np.linalg.norm(x)
+    y = y - x * (x @ y)
+    y = y / np.linalg.norm(y)
+    return np.column_stack([x, y, np.cross(x, y)])
+
+
 def rot_to_quat(rot: np.ndarray) -> np.ndarray:
     q = np.zeros(4)
     mujoco.mju_mat2Quat(q, np.asarray(rot, dtype=np.float64).reshape(-1))

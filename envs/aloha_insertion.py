@@ -32,8 +32,9 @@ from typing import Sequence
 import mujoco
 import numpy as np
 
-from envs.aloha import ALOHA_ASSETS, ARMS, START_GRIPPER, AlohaEnv, BimanualWaypointExpert, Waypoint
-from envs.aloha_transfer_cube import rot_from_axes
+from envs.aloha import (
+    ALOHA_ASSETS, ARMS, START_GRIPPER, AlohaEnv, BimanualWaypointExpert, Waypoint, rot_from_axes,
+)
 
 # gym-aloha's sample_insertion_pose ranges (metres, world frame).
 PEG_POS_LOW = np.array([0.1, 0.4, 0.05])

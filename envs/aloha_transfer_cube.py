@@ -31,7 +31,9 @@ from typing import Sequence
 import mujoco
 import numpy as np
 
-from envs.aloha import ALOHA_ASSETS, ARMS, START_GRIPPER, AlohaEnv, BimanualWaypointExpert, Waypoint
+from envs.aloha import (
+    ALOHA_ASSETS, ARMS, START_GRIPPER, AlohaEnv, BimanualWaypointExpert, Waypoint, rot_from_axes,
+)
 
 # gym-aloha's sample_box_pose ranges (metres, world frame).
 CUBE_POS_LOW = np.array([0.0, 0.4, 0.05])
@@ -42,17 +44,6 @@ CUBE_GEOM = "red_box"
 TABLE_GEOM = "table"
 LEFT_FINGER_GEOM = "vx300s_left/10_left_gripper_finger"
 RIGHT_FINGER_GEOM = "vx300s_right/10_right_gripper_finger"
-
-
-def rot_from_axes(x_axis: Sequence[float], y_axis: Sequence[float]) -> np.ndarray:
-    """Rotation (3, 3) whose columns are the gripper frame axes: x along the fingers, y the
-    direction the fingers close along; z completes a right-handed frame."""
-    x = np.asarray(x_axis, dtype=np.float64)
-    y = np.asarray(y_axis, dtype=np.float64)
-    x = x / np.linalg.norm(x)
-    y = y - x * (x @ y)
-    y = y / np.linalg.norm(y)
-    return np.column_stack([x, y, np.cross(x, y)])
 
 
 class AlohaTransferCubeEnv(AlohaEnv):

@@ -19,7 +19,8 @@ from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
 from emu_world.record import record
 from emu_world.tokenizer import VisionTokenizer
 from emu_world.train import run_stage
-from emu_world.train_tokenizer import decode_episode_frames, resolve_roots
+from emu_world.train_tokenizer import decode_episode_frames
+from emu_world.training import resolve_roots
 from emu_world.training import batch_indices, cosine_lr, find_checkpoint
 
 TASK = "widowx_pick_place"
