@@ -50,6 +50,7 @@ class EpisodeResult:
     num_subtasks: int
     seconds: float
     env_seconds: float
+    collided_steps: int = 0  # steps the env refused as a collision (info["collided"], exploration)
     annotations: list[dict] = field(default_factory=list)  # the agent's subtasks, if it reports them
     video: str | None = None
 
@@ -83,6 +84,7 @@ def run_episode(env, agent: Agent, seed: int, episode: int = 0, record_camera: s
     tracker = AnnotationTracker(env.unwrapped.subtasks) if hasattr(agent, "subtask_index") else None
     frames = [obs["pixels"][record_camera]] if record_camera else []
     success, progress, steps, env_seconds = bool(info["is_success"]), int(info["subtask_progress"]), 0, 0.0
+    collided = 0
     while True:
         action = agent.act(obs, info)
         t0 = time.perf_counter()
@@ -98,6 +100,7 @@ def run_episode(env, agent: Agent, seed: int, episode: int = 0, record_camera: s
         obs = next_obs
         if record_camera:
             frames.append(obs["pixels"][record_camera])
+        collided += bool(info.get("collided", False))
         success = success or bool(info["is_success"])
         progress = max(progress, int(info["subtask_progress"]))
         if terminated or truncated:
@@ -105,7 +108,7 @@ def run_episode(env, agent: Agent, seed: int, episode: int = 0, record_camera: s
     result = EpisodeResult(
         episode=episode, seed=seed, success=success, steps=steps, max_subtask_progress=progress,
         num_subtasks=int(info["num_subtasks"]), seconds=time.perf_counter() - start,
-        env_seconds=env_seconds,
+        env_seconds=env_seconds, collided_steps=collided,
         annotations=[a.to_dict() for a in tracker.annotations()] if tracker else [],
     )
     return result, frames
@@ -151,6 +154,7 @@ def evaluate(env_cfg: EnvConfig, agent_cfg: AgentConfig, episodes: int, seed: in
         "success_ci95": [round(lo, 4), round(hi, 4)] if has_success else None,
         "mean_subtask_progress": float(np.mean([r.max_subtask_progress for r in results])),
         "mean_steps": total_steps / len(results),
+        "collided_steps": sum(r.collided_steps for r in results),
         "steps_per_second": total_steps / sum(r.seconds for r in results),
         "env_steps_per_second": total_steps / sum(r.env_seconds for r in results),
         "image_size": env_cfg.image_size,

@@ -22,7 +22,7 @@ def test_evaluate_writes_results_and_summary(tmp_path):
     summary = evaluate(to_dataclass(EnvConfig, cfg.env), to_dataclass(AgentConfig, cfg.agent),
                        episodes=2, seed=3, output_dir=tmp_path, video=True, video_episodes=1,
                        progress=False)
-    for key in ("env", "agent", "episodes", "success_rate", "success_ci95", "steps_per_second"):
+    for key in ("env", "agent", "episodes", "success_rate", "success_ci95", "steps_per_second", "collided_steps"):
         assert key in summary
     assert summary["episodes"] == 2 and summary["env"] == "aloha_transfer_cube"
     lines = (tmp_path / "episodes.jsonl").read_text().splitlines()
