@@ -119,6 +119,7 @@ class _Context:
         self.model = model
         self.cache = model.new_cache()
         self.pending = list(tokens)
+        self.fed: list[int] = []  # tokens already in the cache (the stream, for previous-frame hints)
         self.device = device
         self.passes = 0
 
@@ -129,10 +130,16 @@ class _Context:
         """(V,) logits for the token after everything pushed so far."""
         if not self.pending:
             raise RuntimeError("generation context: no new token since the last forward pass")
-        ids = torch.tensor([self.pending], dtype=torch.long, device=self.device)  # (1, n)
+        n = len(self.pending)
+        self.fed += self.pending
         self.pending = []
         self.passes += 1
-        return self.model.extend(ids, self.cache)[0]  # (V,)
+        hints = None
+        if self.model.hint_embed is not None:
+            stream = torch.tensor([self.fed], dtype=torch.long, device=self.device)  # (1, N)
+            hints = self.model.hints_for(stream)[:, -n:]  # (1, n)
+        ids = torch.tensor([self.fed[-n:]], dtype=torch.long, device=self.device)  # (1, n)
+        return self.model.extend(ids, self.cache, hints)[0]  # (V,)
 
 
 class Generator:

@@ -812,6 +812,36 @@ class SequenceLayout:
         image_spans = np.asarray(images, dtype=np.int64).reshape(-1, 3)
         return Packed(tokens, weights, roles, doc_ids, position_ids, documents, image_spans)
 
+    def frame_hints(self, tokens: "torch.Tensor", doc_ids: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """(B, L) ids -> (B, L) previous-frame hints: ``hints[b, i]`` is the code (0..K-1) that the
+        previous image of the same document holds at the grid cell of token ``i + 1``, when token
+        ``i + 1`` is (or, mid-generation, will be) a vision code of an image that has a previous
+        image; -1 everywhere else.
+
+        A hint is what position ``i`` predicts from, so it is indexed like the inputs. It is a
+        pure function of the ids up to ``i`` (an image's cells are fixed once its SOT is known),
+        so it is the same in training, in token-by-token decoding and in DiDA's noisy copies.
+        Images are found by their SOT; a piece of a long sample cut by :meth:`pack` starts a new
+        document, whose first image has no hints.
+        """
+        import torch
+
+        B, L = tokens.shape
+        hints = torch.full((B, L), -1, dtype=torch.long, device=tokens.device)
+        offsets = torch.as_tensor(self.code_offsets + 1, device=tokens.device)  # (h*w,) code positions after SOT
+        rows, cols = (tokens == self.sot).nonzero(as_tuple=True)  # SOTs in row-major order
+        rows_l, cols_l = rows.tolist(), cols.tolist()
+        for k in range(1, len(rows_l)):
+            b, p, q = rows_l[k], cols_l[k], cols_l[k - 1]
+            if rows_l[k - 1] != b or (doc_ids is not None and int(doc_ids[b, q]) != int(doc_ids[b, p])):
+                continue
+            source = q + offsets  # (h*w,) codes of the previous image (complete: this SOT follows it)
+            target = p + offsets - 1  # the positions that predict this image's codes
+            keep = (target < L) & (source < L)
+            prev = tokens[b, source[keep]] - self.vision.start
+            hints[b, target[keep]] = torch.where((prev >= 0) & (prev < self.codebook_size), prev, -1)
+        return hints
+
     def _cut(self, s: Sample, max_len: int) -> list[tuple[int, int]]:
         """[start, stop) pieces of one sample, each <= max_len, cut only at safe points."""
         n = len(s)

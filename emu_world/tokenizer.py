@@ -73,6 +73,11 @@ class TokenizerConfig:
     code_dim: int = 32  # dimension of a code vector
     codebook_size: int = 1024  # K
     logit_scale: float = 10.0  # softmax temperature over cosine similarities (IBQ logits)
+    # True: the encoder is patch-local (1x1 residual blocks, per-position channel norm), so a code
+    # depends only on its own f x f pixel patch: static regions keep identical codes when anything
+    # else in the frame moves, which is what the world model has to predict. False: 3x3 blocks with
+    # GroupNorm (image-wide statistics), the taming-style encoder.
+    local_encoder: bool = False
 
     def __post_init__(self) -> None:
         self.channels = [int(c) for c in self.channels]
@@ -163,15 +168,35 @@ def _norm(cfg: TokenizerConfig, channels: int) -> nn.Module:
     return nn.GroupNorm(cfg.norm_groups, channels) if cfg.norm == "group" else nn.Identity()
 
 
-class ResBlock(nn.Module):
-    """Pre-activation residual block: x + conv(act(norm(conv(act(norm(x))))))."""
+class ChannelNorm(nn.Module):
+    """LayerNorm over channels at each position: (B, C, H, W), no statistics across positions."""
 
-    def __init__(self, cfg: TokenizerConfig, channels: int):
+    def __init__(self, channels: int):
         super().__init__()
-        self.norm1 = _norm(cfg, channels)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.norm2 = _norm(cfg, channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _encoder_norm(cfg: TokenizerConfig, channels: int) -> nn.Module:
+    return ChannelNorm(channels) if cfg.local_encoder else _norm(cfg, channels)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: x + conv(act(norm(conv(act(norm(x)))))).
+
+    ``local=True``: 1x1 convolutions and per-position norms (no mixing across positions).
+    """
+
+    def __init__(self, cfg: TokenizerConfig, channels: int, local: bool = False):
+        super().__init__()
+        k = 1 if local else 3
+        norm = (lambda c: ChannelNorm(c)) if local else (lambda c: _norm(cfg, c))
+        self.norm1 = norm(channels)
+        self.conv1 = nn.Conv2d(channels, channels, k, padding=k // 2)
+        self.norm2 = norm(channels)
+        self.conv2 = nn.Conv2d(channels, channels, k, padding=k // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -187,12 +212,14 @@ class Encoder(nn.Module):
         self.stem = nn.Conv2d(3, ch[0], cfg.stem_stride, stride=cfg.stem_stride)  # patchify
         levels: list[nn.Module] = []
         for i, c in enumerate(ch):
-            blocks: list[nn.Module] = [ResBlock(cfg, c) for _ in range(cfg.encoder_blocks[i])]
+            blocks: list[nn.Module] = [
+                ResBlock(cfg, c, local=cfg.local_encoder) for _ in range(cfg.encoder_blocks[i])
+            ]
             if i < len(ch) - 1:
-                blocks.append(nn.Conv2d(c, ch[i + 1], 2, stride=2))  # halve the resolution
+                blocks.append(nn.Conv2d(c, ch[i + 1], 2, stride=2))  # halve the resolution (patch-local)
             levels.append(nn.Sequential(*blocks))
         self.levels = nn.Sequential(*levels)
-        self.norm_out = _norm(cfg, ch[-1])
+        self.norm_out = _encoder_norm(cfg, ch[-1])
         self.proj = nn.Conv2d(ch[-1], cfg.code_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

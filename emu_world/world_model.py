@@ -70,6 +70,11 @@ class WorldModelConfig:
     tie_embeddings: bool = True  # share the input embedding and the output head
     attn_implementation: str = "sdpa"  # "sdpa" or "eager" (both take the 4-D packing mask)
     initializer_range: float = 0.02
+    # Previous-frame hints: the input at position i also carries the code the previous image
+    # held at the cell of token i + 1 (SequenceLayout.frame_hints; a (K + 1) x hidden embedding
+    # added to the token embedding). Copying what did not move then needs no learnt attention
+    # pattern, so a small model spends its training on what moved. Needs the layout.
+    frame_hints: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
@@ -136,11 +141,11 @@ PRESETS: dict[str, WorldModelConfig] = {
     # tests: ~19k decoder parameters + a V x 32 tied embedding (34k in all with the tests' layout, 76k
     # with the default one)
     "tiny": WorldModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
-                             max_position_embeddings=1024),
+                             max_position_embeddings=1024, frame_hints=True),
     # the CPU default (shared/FACTS.md "Compute": 6 layers, width 256, GQA 8/2): ~4.5M decoder
     # parameters + 0.46M tied embedding with the default layout (V=1792)
     "small": WorldModelConfig(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=2, intermediate_size=768,
-                              max_position_embeddings=4096),
+                              max_position_embeddings=4096, frame_hints=True),
     # The real Emu3.5 shape, for the meta device only (~34.1B parameters). Emu3.5 is initialised
     # from Qwen3 and its transformer is the Qwen3-32B shape: 64 layers, hidden 5120, 64 query heads
     # of dim 128 (so heads*dim = 8192 != hidden), 8 KV heads, SwiGLU 25600, untied head. Vocabulary
@@ -194,6 +199,16 @@ class WorldModel(nn.Module):
         self.config = config
         self.layout_spec: dict[str, Any] | None = layout.spec if layout is not None else None
         self.decoder = Qwen3ForCausalLM(config.to_hf())
+        self.hint_embed: nn.Embedding | None = None
+        self._layout = layout
+        if config.frame_hints:
+            if layout is None:
+                raise ValueError("model.frame_hints=true needs the layout (its codebook size and image grid)")
+            # row 0: no hint (zero, never trained); row 1 + c: the previous image held code c
+            self.hint_embed = nn.Embedding(layout.codebook_size + 1, config.hidden_size, padding_idx=0)
+            nn.init.normal_(self.hint_embed.weight, std=config.initializer_range)
+            with torch.no_grad():
+                self.hint_embed.weight[0].zero_()
 
     @property
     def vocab_size(self) -> int:
@@ -204,13 +219,33 @@ class WorldModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # -- forward --------------------------------------------------------------------------------
+    def hints_for(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B, L) previous-frame hints of a token row (None when the model takes none)."""
+        if self.hint_embed is None:
+            return None
+        return self._layout.frame_hints(tokens, doc_ids)
+
+    def _embed(self, tokens: torch.Tensor, hints: torch.Tensor | None) -> torch.Tensor:
+        """(B, L) ids (+ hints) -> (B, L, hidden) input embeddings."""
+        x = self.decoder.get_input_embeddings()(tokens)
+        if self.hint_embed is None:
+            return x
+        if hints is None or hints.shape != tokens.shape:
+            raise ValueError(
+                "WorldModel: this model takes previous-frame hints (model.frame_hints=true); pass hints of "
+                f"the tokens' shape {tuple(tokens.shape)} (WorldModel.hints_for / SequenceLayout.frame_hints)"
+            )
+        return x + self.hint_embed(hints + 1)
+
     def logits(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
-               position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+               position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+               hints: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) ids -> (B, L, V) next-token logits (no cache).
 
         ``doc_ids`` (B, L) isolates packed documents (block-diagonal causal mask; position ids
         restart per document unless given). ``attention_mask`` is a ready (B, 1, L, L) additive
-        mask (e.g. DiDA's); with neither, attention is plain causal over the row.
+        mask (e.g. DiDA's); with neither, attention is plain causal over the row. ``hints``: the
+        previous-frame hints of a model with ``frame_hints`` (None: computed from ``tokens``).
         """
         if doc_ids is not None:
             if attention_mask is not None:
@@ -218,13 +253,16 @@ class WorldModel(nn.Module):
             attention_mask = document_mask(doc_ids, self.decoder.dtype)
             if position_ids is None:
                 position_ids = document_positions(doc_ids)
-        out = self.decoder(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False)
+        if hints is None and self.hint_embed is not None:
+            hints = self.hints_for(tokens, doc_ids)
+        out = self.decoder(inputs_embeds=self._embed(tokens, hints), attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=False)
         return out.logits  # (B, L, V)
 
     def forward(self, tokens: torch.Tensor, weights: torch.Tensor, roles: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                attention_mask: torch.Tensor | None = None,
+                hints: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted next-token cross-entropy.
 
         tokens (B, L) int64, weights (B, L) float (``weights[i]`` weighs predicting ``tokens[i]``,
@@ -235,7 +273,7 @@ class WorldModel(nn.Module):
         """
         if tokens.shape != weights.shape:
             raise ValueError(f"WorldModel: tokens {tuple(tokens.shape)} and weights {tuple(weights.shape)} differ")
-        logits = self.logits(tokens, doc_ids, position_ids, attention_mask)  # (B, L, V)
+        logits = self.logits(tokens, doc_ids, position_ids, attention_mask, hints)  # (B, L, V)
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(),
                              reduction="none").view(tokens.shape[0], -1)  # (B, L-1)
         w = weights[:, 1:].to(ce.dtype)  # (B, L-1)
@@ -267,8 +305,10 @@ class WorldModel(nn.Module):
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.decoder.config)
 
-    def extend(self, tokens: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """Append (B, n) tokens to a KV cache; returns (B, V) logits after the last of them."""
+    def extend(self, tokens: torch.Tensor, cache: DynamicCache, hints: torch.Tensor | None = None) -> torch.Tensor:
+        """Append (B, n) tokens to a KV cache; returns (B, V) logits after the last of them.
+        ``hints`` (B, n): their previous-frame hints (models with ``frame_hints``; computed from
+        the whole stream, e.g. ``hints_for(all_tokens)[:, -n:]``)."""
         past = cache.get_seq_length()
         n = tokens.shape[1]
         if past + n > self.config.max_position_embeddings:
@@ -277,7 +317,7 @@ class WorldModel(nn.Module):
                 f"{self.config.max_position_embeddings}"
             )
         positions = torch.arange(past, past + n, device=tokens.device)  # (n,)
-        out = self.decoder(input_ids=tokens, past_key_values=cache, use_cache=True,
+        out = self.decoder(inputs_embeds=self._embed(tokens, hints), past_key_values=cache, use_cache=True,
                            position_ids=positions[None].expand(tokens.shape[0], n), cache_position=positions,
                            logits_to_keep=1)
         return out.logits[:, -1]  # (B, V)

@@ -445,3 +445,30 @@ def test_pack_rejects_rows_shorter_than_an_image(layout):
     s, _, _ = dynamics_sample(layout, rng, n=2)
     with pytest.raises(LayoutError, match="raise max_len"):
         layout.pack([s], layout.image_block_len - 1)
+
+
+# ----------------------------------------------------------------------------- previous-frame hints
+
+
+def test_frame_hints_point_at_the_previous_image_cell_by_cell(layout):
+    rng = np.random.default_rng(12)
+    s, frames, _ = dynamics_sample(layout, rng, n=3)
+    tokens = torch.as_tensor(s.tokens)[None]
+    hints = layout.frame_hints(tokens)[0].numpy()
+    expected = np.full(len(s), -1)
+    for i, (a, b) in enumerate(s.image_spans):
+        if i == 0:
+            continue  # the first image has no previous image
+        cells = a + layout.code_offsets  # positions of image i's codes
+        expected[cells - 1] = frames[i - 1].reshape(-1)  # position p predicts token p + 1
+    np.testing.assert_array_equal(hints, expected)
+    # a prefix ending inside an image already has the hints of the codes still to come
+    cut = int(s.image_spans[1][0]) + 2
+    np.testing.assert_array_equal(layout.frame_hints(tokens[:, :cut])[0].numpy(), expected[:cut])
+    # packed documents never hint across a document boundary
+    other = layout.plan(TASK, codes(rng, 1)[0], ["lift the cube"], codes(rng, 1))
+    packed = layout.pack([other, s], len(other) + len(s))
+    assert packed.tokens.shape[0] == 1
+    got = layout.frame_hints(torch.as_tensor(packed.tokens), torch.as_tensor(packed.doc_ids))[0].numpy()
+    np.testing.assert_array_equal(got[len(other):], expected)
+    assert (got[:len(other)] >= 0).sum() == layout.grid[0] * layout.grid[1]  # the plan's keyframe only

@@ -202,3 +202,23 @@ def test_real_emu3_tokenizer_from_a_local_folder(tmp_path):
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="neither"):
         load_tokenizer(tmp_path / "other")
+
+
+def test_local_encoder_codes_depend_only_on_their_own_patch():
+    """local_encoder=true: changing pixels outside a patch never changes that patch's code, so
+    static regions keep identical codes while something else in the frame moves."""
+    torch.manual_seed(0)
+    tok = VisionTokenizer(tiny_config("tokenizer.local_encoder=true")).eval()
+    f = tok.config.downsample
+    x = frames(4, seed=3)
+    moved = x.copy()
+    moved[:, :f, :f] = 255 - moved[:, :f, :f]  # repaint the top-left patch only
+    before, after = tok.encode(x), tok.encode(moved)
+    unchanged = torch.ones_like(before, dtype=torch.bool)
+    unchanged[:, 0, 0] = False
+    assert torch.equal(before[unchanged], after[unchanged])
+    # the GroupNorm encoder mixes the whole image into every code (image-wide statistics)
+    z = VisionTokenizer(tiny_config()).eval().encode_latents
+    t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
+    with torch.no_grad():
+        assert not torch.allclose(z(t(x))[:, :, 1:, 1:], z(t(moved))[:, :, 1:, 1:])
