@@ -6,7 +6,8 @@
     python -m emu_world.bench tokenizer dataset.root=datasets  # held-out episodes of recorded datasets
 
 Each benchmark composes ``configs/bench/<name>.yaml``, prints a table and ends with one JSON
-line. Speed targets live here, never in unit tests. Later issues add ``world_model`` and ``dida``.
+line. Speed targets live here, never in unit tests. ``world_model`` and ``dida`` are documented in
+:mod:`emu_world.bench_world_model` and :mod:`emu_world.bench_dida`.
 
 ``tokenizer``: held-out PSNR and SSIM per task (frames recorded from the simulator with the
 scripted experts, episode ``i`` of a task reset with ``seed + i``; the training datasets are
@@ -139,6 +140,42 @@ def save_picture(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray]]) -> 
     return path
 
 
+def save_grid(path: Path, rows: list[tuple[str, list[np.ndarray]]], columns: list[str] | None = None) -> Path:
+    """A labelled grid of uint8 frames: one row per ``(label, frames)`` (rows may differ in length),
+    an optional title over each column."""
+    from PIL import Image, ImageDraw
+
+    if not rows or not any(len(f) for _, f in rows):
+        raise ValueError("save_grid: no frames to draw")
+    H, W = next(f for _, f in rows if len(f))[0].shape[:2]
+    n = max(len(f) for _, f in rows)
+    label_w, gap, top = 150, 4, 20
+    canvas = Image.new("RGB", (label_w + n * (W + gap), top + len(rows) * (H + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(columns or []):
+        draw.text((label_w + j * (W + gap) + 2, 4), str(title), fill="black")
+    for i, (label, frames) in enumerate(rows):
+        y = top + i * (H + gap)
+        draw.text((4, y + H // 2 - 6), label, fill="black")
+        for j, frame in enumerate(frames):
+            canvas.paste(Image.fromarray(np.asarray(frame, dtype=np.uint8)), (label_w + j * (W + gap), y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def bench_output_dir(cfg: DictConfig) -> Path:
+    """Where a benchmark writes its files: the folder of ``output=`` when given, else the hydra run dir."""
+    if cfg.get("output"):
+        return Path(str(cfg.output)).parent
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not under @hydra.main
+        raise ValueError("this benchmark writes pictures: run it through `python -m emu_world.bench` or give "
+                         "output=<file.json> (pictures go beside it)") from None
+
+
 def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
     from emu_world.tokenizer import load_tokenizer
 
@@ -225,9 +262,17 @@ def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
     return run(cfg)
 
 
+def bench_dida(cfg: DictConfig) -> dict[str, Any]:
+    """``dida``: K-step parallel decoding against token-by-token AR; see :mod:`emu_world.bench_dida`."""
+    from emu_world.bench_dida import bench_dida as run
+
+    return run(cfg)
+
+
 BENCHMARKS: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "tokenizer": bench_tokenizer,
     "world_model": bench_world_model,
+    "dida": bench_dida,
 }
 
 

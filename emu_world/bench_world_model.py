@@ -4,6 +4,7 @@
     python -m emu_world.bench world_model checkpoint=outputs/train/world_model/world_model
     python -m emu_world.bench world_model tasks=[aloha_fold] episodes=2 starts=4 horizons=[1,4,16]
     python -m emu_world.bench world_model vision.temperature=1.0 vision.top_k=64   # sampled, not greedy
+    python -m emu_world.bench world_model decoding=dida dida.steps=4 picture=true  # parallel decoding; strip.png
 
 What is measured. For every task (an env whose dataset the model was trained on; default: all of
 them) the scripted expert plays ``episodes`` episodes (episode ``i`` resets with ``seed + i``; the
@@ -14,8 +15,10 @@ trained on (the first of the dataset's cameras). From ``starts`` start frames ``
 the prompt is ``"<tag>: <task>"``, the last ``context_frames`` true frames (tokenizer codes) and
 the action span after each of them (the true actions, binned with the dataset's binner from the
 export, chosen as in training: the last action of each of the ``actions_per_frame`` sub-intervals)
-or, for exploration, the command text of the interval. The model generates frame ``j+1``
-(:class:`~emu_world.generate.Generator`, grammar-forced structure, greedy by default); the
+or, for exploration, the command text of the interval. The model generates frame ``j+1`` with the
+decoder ``decoding`` names (:func:`emu_world.dida.frame_predictor`: ``ar``, token by token with
+:class:`~emu_world.generate.Generator`, or ``dida``, ``dida.steps`` parallel refinement passes;
+grammar-forced structure, greedy by default); the
 rollout then continues on its own predicted frames with the true actions: at every step the
 prompt holds the last ``context_frames`` frames (true ones while the window still reaches them,
 predicted ones after), up to ``max(horizons)`` frames ahead.
@@ -29,7 +32,9 @@ generated frame, and training throughput: ``throughput.steps`` forward+backward+
 one warm-up) of a copy of the model on ``data.rows`` packed rows of ``data.max_len`` tokens built
 from the recorded episodes exactly like training samples; tokens/s counts non-padding tokens. Peak
 RSS is the process's (``resource.getrusage``, recording and rollouts included); ``train_state_mb``
-is weights + gradients + AdamW moments.
+is weights + gradients + AdamW moments. ``picture=true`` writes ``strip.png`` into the output dir: per
+task, the first rollout's context frame and predicted frames above the same context frame and the true
+frames. :mod:`emu_world.bench_dida` reuses the recording, rollouts and metrics to compare decoders.
 
 JSON keys. The headline keys (``psnr_<h>``, ``ssim_<h>``, ``token_acc_<h>``, ``copy_last_psnr_<h>``,
 ``copy_last_ssim_<h>``, ``ceiling_psnr``) are those of ``headline_task`` (aloha_fold by default, the
@@ -55,7 +60,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from emu_world.config import CONFIG_DIR, EnvConfig, to_dataclass
 from emu_world.data.sequences import span_steps
-from emu_world.generate import GenerationConfig, Generator, Sampling
+from emu_world.dida import (
+    ARFramePredictor, FrameDecodingConfig, FramePredictor, SamplerConfig, export_noise_path, export_sampler_config,
+    frame_predictor,
+)
+from emu_world.generate import Generator, Sampling
 from emu_world.image_metrics import psnr_per_frame, ssim_per_frame
 from emu_world.layout import ActionBinner, LayoutConfig, Sample, SequenceLayout
 from emu_world.world_model import WorldModel
@@ -77,6 +86,11 @@ class TaskSpec:
     stride: int  # env steps between frames
     binner: ActionBinner | None  # None: an exploration (command) dataset
     commands: tuple[str, ...] | None
+
+    @property
+    def action_dim(self) -> int | None:
+        """Bins per action step (the generators' ``action_dim``); None for commands."""
+        return self.binner.action_dim if self.binner is not None else None
 
 
 @dataclass
@@ -200,18 +214,26 @@ def start_frames(n: int, context: int, horizon: int, starts: int) -> list[int]:
 # ----------------------------------------------------------------------------- rollouts
 
 
-def rollout(gen: Generator, layout: SequenceLayout, spec: TaskSpec, ep: Episode, codes: np.ndarray,
-            conds: list[Any], j: int, context: int, horizon: int, seed: int) -> tuple[np.ndarray, float]:
+def as_frame_predictor(predict: FramePredictor | Generator) -> FramePredictor:
+    """A frame predictor (:func:`emu_world.dida.frame_predictor`: AR or DiDA); a bare
+    :class:`~emu_world.generate.Generator` is token-by-token decoding."""
+    return ARFramePredictor(predict) if isinstance(predict, Generator) else predict
+
+
+def rollout(predict: FramePredictor | Generator, layout: SequenceLayout, spec: TaskSpec, ep: Episode,
+            codes: np.ndarray, conds: list[Any], j: int, context: int, horizon: int,
+            seed: int) -> tuple[np.ndarray, float]:
     """Predicted codes (horizon, h, w) of frames j+1..j+horizon from the true frames up to j and the
     true conditions, each step fed the model's own earlier predictions; and the generation seconds."""
+    predict = as_frame_predictor(predict)
     window = list(codes[j - context + 1:j + 1])
     preds, seconds = [], 0.0
     for step in range(horizon):
         t = j + step  # the last frame in the window is frame t
         sample = build_sample(layout, spec, ep.text, np.stack(window), conds[t - len(window) + 1:t + 1], end=False)
-        out = gen.generate_frame(sample.tokens, seed=seed + step)
+        out = predict(sample.tokens, seed=seed + step)
         preds.append(out.codes)
-        seconds += out.result.seconds
+        seconds += out.seconds
         window = (window + [out.codes])[-context:]
     return np.stack(preds), seconds
 
@@ -221,43 +243,95 @@ def frame_scores(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return psnr_per_frame(a, b).numpy(), ssim_per_frame(a, b).numpy()
 
 
-def measure_task(gen: Generator, tokenizer, ex: Export, spec: TaskSpec, episodes: list[Episode],
-                 cfg: DictConfig) -> tuple[dict[str, Any], list[Sample]]:
-    """Per-horizon metrics of one task, and its episodes as training samples (for the throughput)."""
+@dataclass
+class EncodedEpisode:
+    """An episode with its tokenizer codes, their reconstruction and the conditions between frames."""
+
+    episode: Episode
+    codes: np.ndarray  # (n, h, w)
+    recon: np.ndarray  # (n, H, W, 3) uint8: tokenizer.decode(codes), the ceiling
+    conds: list[Any]  # (n-1) action bins (k, A) or command texts
+
+
+@dataclass
+class Rollout:
+    """One imagined rollout: from true frame ``j`` of ``episode``, ``len(codes)`` frames ahead."""
+
+    episode: int  # index into the encoded episodes
+    start: int  # j
+    codes: np.ndarray  # (H, h, w) predicted codes
+    frames: np.ndarray  # (H, H_img, W_img, 3) uint8 decoded predictions
+
+
+def encode_episodes(tokenizer, layout: SequenceLayout, spec: TaskSpec, episodes: list[Episode]) -> list[EncodedEpisode]:
+    out = []
+    for ep in episodes:
+        codes = tokenizer.encode(ep.frames).numpy()  # (n, h, w)
+        out.append(EncodedEpisode(ep, codes, tokenizer.decode(codes).numpy(), interval_conditions(layout, spec, ep)))
+    return out
+
+
+def training_samples(ex: Export, spec: TaskSpec, encoded: list[EncodedEpisode]) -> list[Sample]:
+    """The episodes cut into training samples of ``data.frames_per_window`` frames (throughput)."""
+    per = int(ex.manifest["config"]["data"]["frames_per_window"])
+    samples = []
+    for e in encoded:
+        for a in range(0, len(e.codes) - 1, per - 1):
+            b = min(a + per, len(e.codes))
+            samples.append(build_sample(ex.layout, spec, e.episode.text, e.codes[a:b], e.conds[a:b - 1], end=True))
+    return samples
+
+
+def score_rollouts(predict: FramePredictor | Generator, tokenizer, ex: Export, spec: TaskSpec,
+                   encoded: list[EncodedEpisode], cfg: DictConfig) -> tuple[dict[str, Any], list[Rollout]]:
+    """Per-horizon metrics of one task's rollouts (``cfg``: horizons, context_frames, starts, seed),
+    and the rollouts themselves (for pictures)."""
     horizons = sorted({int(h) for h in cfg.horizons})
     H, C = max(horizons), int(cfg.context_frames)
     acc = {h: {k: [] for k in ("psnr", "ssim", "token_acc", "copy_psnr", "copy_ssim", "ceiling_psnr")}
            for h in horizons}
-    seconds, generated, samples = 0.0, 0, []
-    for ep in episodes:
-        codes = tokenizer.encode(ep.frames).numpy()  # (n, h, w)
-        recon = tokenizer.decode(codes).numpy()  # (n, H, W, 3)
-        conds = interval_conditions(ex.layout, spec, ep)
-        per = int(ex.manifest["config"]["data"]["frames_per_window"])
-        for a in range(0, len(codes) - 1, per - 1):
-            b = min(a + per, len(codes))
-            samples.append(build_sample(ex.layout, spec, ep.text, codes[a:b], conds[a:b - 1], end=True))
+    seconds, generated, rollouts = 0.0, 0, []
+    for i, e in enumerate(encoded):
+        ep = e.episode
         for j in start_frames(len(ep.frames), C, H, int(cfg.starts)):
-            pred, sec = rollout(gen, ex.layout, spec, ep, codes, conds, j, C, H, int(cfg.seed) + j)
+            pred, sec = rollout(predict, ex.layout, spec, ep, e.codes, e.conds, j, C, H, int(cfg.seed) + j)
             seconds, generated = seconds + sec, generated + H
             pred_frames = tokenizer.decode(pred).numpy()  # (H, H, W, 3)
+            rollouts.append(Rollout(i, j, pred, pred_frames))
             for h in horizons:
                 true = ep.frames[j + h][None]
                 p, s = frame_scores(pred_frames[h - 1][None], true)
                 cp, cs = frame_scores(ep.frames[j][None], true)
                 acc[h]["psnr"].append(p[0])
                 acc[h]["ssim"].append(s[0])
-                acc[h]["token_acc"].append(float((pred[h - 1] == codes[j + h]).mean()))
+                acc[h]["token_acc"].append(float((pred[h - 1] == e.codes[j + h]).mean()))
                 acc[h]["copy_psnr"].append(cp[0])
                 acc[h]["copy_ssim"].append(cs[0])
-                acc[h]["ceiling_psnr"].append(frame_scores(recon[j + h][None], true)[0][0])
+                acc[h]["ceiling_psnr"].append(frame_scores(e.recon[j + h][None], true)[0][0])
     if not generated:
         raise ValueError(f"{spec.task}: no episode is long enough for {C} context frame(s) and {H} frames ahead "
                          f"(every {spec.stride} env steps); lower horizons or context_frames")
     rows = {str(h): {k: round(float(np.mean(v)), 4) for k, v in acc[h].items()} for h in horizons}
-    return {"rollouts": len(acc[H]["psnr"]), "frames": int(sum(len(e.frames) for e in episodes)),
-            "stride": spec.stride, "camera": spec.camera, "sec_per_frame": round(seconds / generated, 3),
-            "horizons": rows}, samples
+    return {"rollouts": len(acc[H]["psnr"]), "frames": int(sum(len(e.episode.frames) for e in encoded)),
+            "stride": spec.stride, "camera": spec.camera, "sec_per_frame": round(seconds / generated, 4),
+            "horizons": rows}, rollouts
+
+
+def measure_task(predict: FramePredictor | Generator, tokenizer, ex: Export, spec: TaskSpec, episodes: list[Episode],
+                 cfg: DictConfig) -> tuple[dict[str, Any], list[Sample]]:
+    """Per-horizon metrics of one task, and its episodes as training samples (for the throughput)."""
+    encoded = encode_episodes(tokenizer, ex.layout, spec, episodes)
+    result, _ = score_rollouts(predict, tokenizer, ex, spec, encoded, cfg)
+    return result, training_samples(ex, spec, encoded)
+
+
+def rollout_strip(encoded: list[EncodedEpisode], r: Rollout) -> list[tuple[str, list[np.ndarray]]]:
+    """Picture rows of one rollout: the context frame then the predicted frames; the context frame
+    then the true frames."""
+    ep = encoded[r.episode].episode
+    H = len(r.codes)
+    context = ep.frames[r.start]
+    return [("predicted", [context, *r.frames]), ("true", [context, *ep.frames[r.start + 1:r.start + 1 + H]])]
 
 
 # ----------------------------------------------------------------------------- training throughput
@@ -299,7 +373,7 @@ def training_throughput(model: WorldModel, layout: SequenceLayout, samples: list
 
 
 def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
-    from emu_world.bench import resolve_path
+    from emu_world.bench import bench_output_dir, resolve_path, save_grid
     from emu_world.tokenizer import load_tokenizer
 
     torch.set_num_threads(int(cfg.threads))
@@ -315,17 +389,20 @@ def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
     if horizons[0] < 1 or int(cfg.context_frames) < 1 or int(cfg.starts) < 1:
         raise ValueError("horizons, context_frames and starts must be >= 1")
     vision = Sampling(float(cfg.vision.temperature), int(cfg.vision.top_k))
-    per_task, samples = {}, []
+    decoding = frame_decoding_config(cfg, ex.manifest, vision)
+    noise = export_noise_path(ex.manifest, ex.layout, tokenizer) if decoding.decoding == "dida" else None
+    per_task, samples, strips = {}, [], []
     for name in names:
         spec = ex.tasks[name]
         t0 = time.perf_counter()
         episodes = record_episodes(spec, int(tokenizer.image_size), int(cfg.seed), int(cfg.episodes),
                                    cfg.max_episode_steps)
         t1 = time.perf_counter()
-        gen = Generator(ex.model, ex.layout, GenerationConfig(vision=vision),
-                        action_dim=spec.binner.action_dim if spec.binner is not None else None)
-        per_task[name], task_samples = measure_task(gen, tokenizer, ex, spec, episodes, cfg)
-        samples += task_samples
+        predict = frame_predictor(ex.model, ex.layout, decoding, spec.action_dim, noise)
+        encoded = encode_episodes(tokenizer, ex.layout, spec, episodes)
+        per_task[name], rollouts = score_rollouts(predict, tokenizer, ex, spec, encoded, cfg)
+        samples += training_samples(ex, spec, encoded)
+        strips += [(f"{name} {label}", frames) for label, frames in rollout_strip(encoded, rollouts[0])]
         print(f"{name}: recorded {per_task[name]['frames']} frames in {t1 - t0:.1f}s, "
               f"{per_task[name]['rollouts']} rollouts in {time.perf_counter() - t1:.1f}s", file=sys.stderr, flush=True)
     data_cfg = ex.manifest["config"]["data"]
@@ -347,11 +424,26 @@ def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "parameters": ex.model.num_parameters(), "threads": torch.get_num_threads(),
         "decoding": "greedy" if vision.temperature == 0 else f"temperature {vision.temperature}, top-k {vision.top_k}",
+        "frame_decoding": "ar" if decoding.decoding == "ar" else
+        f"dida K={decoding.dida.steps} ({decoding.dida.update})",
         "context_frames": int(cfg.context_frames), "horizons": horizons, "seed": int(cfg.seed),
         "episodes": int(cfg.episodes), "starts": int(cfg.starts), "per_task": per_task,
     }
+    if cfg.get("picture"):
+        columns = ["context"] + [f"+{h}" for h in range(1, max(horizons) + 1)]
+        summary["picture"] = str(save_grid(bench_output_dir(cfg) / "strip.png", strips, columns))
     print_table(summary)
     return summary
+
+
+def frame_decoding_config(cfg: DictConfig, manifest: dict[str, Any], vision: Sampling) -> FrameDecodingConfig:
+    """``decoding`` (ar | dida) and ``dida.steps`` / ``dida.update`` (null: the export's defaults)."""
+    defaults = export_sampler_config(manifest)
+    dida = cfg.get("dida") or {}
+    steps = dida.get("steps") if dida.get("steps") is not None else defaults.steps
+    update = dida.get("update") if dida.get("update") is not None else defaults.update
+    return FrameDecodingConfig(str(cfg.get("decoding", "ar")), vision, cfg.get("cfg_scale"),
+                               SamplerConfig(int(steps), str(update)))
 
 
 def print_table(summary: dict[str, Any]) -> None:
@@ -362,7 +454,8 @@ def print_table(summary: dict[str, Any]) -> None:
             lines.append(f"| {name} | {h} | {r['psnr']:.2f} | {r['copy_psnr']:.2f} | {r['ceiling_psnr']:.2f} | "
                          f"{r['ssim']:.4f} | {r['copy_ssim']:.4f} | {r['token_acc']:.3f} | {t['rollouts']} |")
     lines.append(f"headline keys (psnr_<h>, copy_last_psnr_<h>, ceiling_psnr): {summary['headline_task']}; "
-                 f"mean_* average over tasks. Decoding {summary['decoding']}, {summary['context_frames']} context "
+                 f"mean_* average over tasks. Decoding {summary['frame_decoding']}, {summary['decoding']}, "
+                 f"{summary['context_frames']} context "
                  f"frame(s), {summary['sec_per_frame']:.2f} s per generated frame ({summary['threads']} threads); "
                  f"peak RSS {summary['peak_rss_mb']:.0f} MB.")
     if "train_tokens_per_second" in summary:

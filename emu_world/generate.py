@@ -120,6 +120,7 @@ class _Context:
         self.cache = model.new_cache()
         self.pending = list(tokens)
         self.fed: list[int] = []  # tokens already in the cache (the stream, for previous-frame hints)
+        self.sots: list[int] = []  # positions of the SOTs in the stream
         self.device = device
         self.passes = 0
 
@@ -131,14 +132,21 @@ class _Context:
         if not self.pending:
             raise RuntimeError("generation context: no new token since the last forward pass")
         n = len(self.pending)
+        hints = None
+        if self.model.hint_embed is not None:
+            sot = self.model.layout_sot
+            new_sots = [len(self.fed) + i for i, t in enumerate(self.pending) if t == sot]
+            self.sots += new_sots
+            # the hints of the new positions depend only on the image they precede and the one
+            # before it: recompute them on the tail from the SOT before those (not the whole stream)
+            m = len(new_sots) + 2
+            start = self.sots[-m] if len(self.sots) >= m else 0
+            tail = torch.tensor([self.fed[start:] + self.pending], dtype=torch.long, device=self.device)
+            hints = self.model.hints_for(tail)[:, -n:]  # (1, n)
+        ids = torch.tensor([self.pending], dtype=torch.long, device=self.device)  # (1, n)
         self.fed += self.pending
         self.pending = []
         self.passes += 1
-        hints = None
-        if self.model.hint_embed is not None:
-            stream = torch.tensor([self.fed], dtype=torch.long, device=self.device)  # (1, N)
-            hints = self.model.hints_for(stream)[:, -n:]  # (1, n)
-        ids = torch.tensor([self.fed[-n:]], dtype=torch.long, device=self.device)  # (1, n)
         return self.model.extend(ids, self.cache, hints)[0]  # (V,)
 
 

@@ -4,6 +4,7 @@
     python -m emu_world.train stage=tokenizer dataset.root=datasets experiment=tiny
     torchrun --nproc_per_node=2 -m emu_world.train stage=tokenizer dataset.root=datasets
     python -m emu_world.train stage=tokenizer ... resume=true
+    python -m emu_world.train stage=dida init=checkpoints/world_model dataset.root=datasets
 
 Composes ``configs/train.yaml`` and hands it to the stage's module, which owns its explicit
 loop (``emu_world.train_<stage>.run(cfg)``); stage-independent pieces live in
@@ -22,10 +23,11 @@ from omegaconf import DictConfig
 
 from emu_world.config import CONFIG_DIR
 
-# stage name -> module with run(cfg) -> result with .summary(); later stages add dida, policy
+# stage name -> module with run(cfg) -> result with .summary(); later stages add policy
 STAGES = {
     "tokenizer": "emu_world.train_tokenizer",
     "world_model": "emu_world.train_world_model",
+    "dida": "emu_world.train_dida",
 }
 
 

@@ -59,7 +59,7 @@ from emu_world.world_model import WorldModel, WorldModelConfig
 
 LOGGED = ("loss", "ce/vision", "ce/text", "ce/action", "ce/structure")  # averaged over micro-batches and ranks
 RESUME_IGNORED = {"resume", "overwrite", "train.stop_after", "train.log_every", "train.eval_every",
-                  "train.save_every", "world_model.export_dir"}
+                  "train.save_every", "world_model.export_dir", "dida.export_dir"}
 
 
 @dataclass
@@ -150,11 +150,14 @@ def step_batches(step: int, per_step: int, info: DistInfo) -> list[int]:
 
 
 def checkpoint_modules(model: WorldModel) -> dict[str, nn.Module]:
-    """The modules a checkpoint stores: the decoder body, plus the output head when it is not tied to the
-    input embedding (safetensors refuses two names for one tensor; loading the body restores a tied head)."""
+    """The modules a checkpoint stores: the decoder body, the output head when it is not tied to the input
+    embedding (safetensors refuses two names for one tensor; loading the body restores a tied head), and the
+    previous-frame hint embedding when the model has one."""
     parts: dict[str, nn.Module] = {"model": model.decoder.model}
     if not model.config.tie_embeddings:
         parts["lm_head"] = model.decoder.lm_head
+    if model.hint_embed is not None:  # previous-frame hints (model.frame_hints) are trained weights too
+        parts["hint_embed"] = model.hint_embed
     return parts
 
 
@@ -306,9 +309,10 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
 
 def export(model: WorldModel, data: MixtureDataset, tokenizer: ImageTokenizer, parts: Parts,
            resolved: dict[str, Any], metrics: dict[str, float], train_seconds: float, info: DistInfo,
-           out: Path) -> Path:
+           out: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write the world model folder: weights + config (``WorldModel.save``), ``binners/<dataset>.json``
-    and ``manifest.json`` (command, config, data, tokenizer identity, code version, metrics)."""
+    and ``manifest.json`` (command, config, data, tokenizer identity, code version, metrics; plus
+    ``extra`` entries, e.g. the DiDA stage's)."""
     model.save(out)
     binners = out / "binners"
     binners.mkdir(exist_ok=True)
@@ -334,6 +338,7 @@ def export(model: WorldModel, data: MixtureDataset, tokenizer: ImageTokenizer, p
         "parameters": model.num_parameters(),
         "note": "metrics: held-out episodes of the training datasets (the last data.heldout_fraction of each), "
                 "teacher-forced: per-kind weighted CE and next-frame vision-token argmax accuracy",
+        **(extra or {}),
     }
     tmp = out / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")

@@ -189,6 +189,33 @@ def document_mask(doc_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
 LOGGED_ROLES = {Role.VISION: "vision", Role.TEXT: "text", Role.ACTION: "action", Role.STRUCTURE: "structure"}
 
 
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor,
+                    roles: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted next-token cross-entropy of (B, L, V) logits for (B, L) tokens.
+
+    ``weights[i]`` weighs predicting ``tokens[i]`` (the layout's convention). Returns ``(loss,
+    logs)``: loss = sum(w * ce) / sum(w) over targets 1..L-1; logs hold ``loss``, ``tokens``
+    (targets with w > 0) and ``ce/<role>`` (unweighted mean CE of the targets of that role with
+    w > 0) for vision, text, action and structure tokens present when ``roles`` is given.
+    """
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(),
+                         reduction="none").view(tokens.shape[0], -1)  # (B, L-1)
+    w = weights[:, 1:].to(ce.dtype)  # (B, L-1)
+    total = w.sum()
+    if total <= 0:
+        raise ValueError("WorldModel: all loss weights are 0 in this batch; nothing to train on")
+    loss = (ce * w).sum() / total
+    logs: dict[str, float] = {"loss": float(loss.detach()), "tokens": float((w > 0).sum())}
+    if roles is not None:
+        r = roles[:, 1:]
+        ce_d = ce.detach()
+        for role, name in LOGGED_ROLES.items():
+            sel = (r == role) & (w > 0)
+            if sel.any():
+                logs[f"ce/{name}"] = float(ce_d[sel].mean())
+    return loss, logs
+
+
 class WorldModel(nn.Module):
     """``Qwen3ForCausalLM`` over the layout's vocabulary, with the layout's loss and packing."""
 
@@ -219,6 +246,11 @@ class WorldModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # -- forward --------------------------------------------------------------------------------
+    @property
+    def layout_sot(self) -> int | None:
+        """The SOT id of the layout the model was built with (None without one)."""
+        return self._layout.sot if self._layout is not None else None
+
     def hints_for(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """(B, L) previous-frame hints of a token row (None when the model takes none)."""
         if self.hint_embed is None:
@@ -263,33 +295,15 @@ class WorldModel(nn.Module):
                 doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 hints: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted next-token cross-entropy.
+        """Weighted next-token cross-entropy (:func:`next_token_loss` of :meth:`logits`).
 
         tokens (B, L) int64, weights (B, L) float (``weights[i]`` weighs predicting ``tokens[i]``,
-        the layout's convention), roles (B, L) :class:`Role` for per-role logs. Returns
-        ``(loss, logs)``: loss = sum(w * ce) / sum(w) over targets 1..L-1; logs hold ``loss``,
-        ``tokens`` (targets with w > 0) and ``ce/<role>`` (unweighted mean CE of the targets of
-        that role with w > 0) for vision, text, action and structure tokens present.
+        the layout's convention), roles (B, L) :class:`Role` for per-role logs.
         """
         if tokens.shape != weights.shape:
             raise ValueError(f"WorldModel: tokens {tuple(tokens.shape)} and weights {tuple(weights.shape)} differ")
         logits = self.logits(tokens, doc_ids, position_ids, attention_mask, hints)  # (B, L, V)
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(),
-                             reduction="none").view(tokens.shape[0], -1)  # (B, L-1)
-        w = weights[:, 1:].to(ce.dtype)  # (B, L-1)
-        total = w.sum()
-        if total <= 0:
-            raise ValueError("WorldModel: all loss weights are 0 in this batch; nothing to train on")
-        loss = (ce * w).sum() / total
-        logs: dict[str, float] = {"loss": float(loss.detach()), "tokens": float((w > 0).sum())}
-        if roles is not None:
-            r = roles[:, 1:]
-            ce_d = ce.detach()
-            for role, name in LOGGED_ROLES.items():
-                sel = (r == role) & (w > 0)
-                if sel.any():
-                    logs[f"ce/{name}"] = float(ce_d[sel].mean())
-        return loss, logs
+        return next_token_loss(logits, tokens, weights, roles)
 
     def packed_inputs(self, packed: Packed, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """The keyword arguments of :meth:`forward` for a :class:`~emu_world.layout.Packed` batch."""
@@ -321,6 +335,30 @@ class WorldModel(nn.Module):
                            position_ids=positions[None].expand(tokens.shape[0], n), cache_position=positions,
                            logits_to_keep=1)
         return out.logits[:, -1]  # (B, V)
+
+    def refine_block(self, tokens: torch.Tensor, cache: DynamicCache, hints: torch.Tensor | None = None) -> torch.Tensor:
+        """DiDA's refinement pass: (B, n) block tokens placed right after the P cached positions
+        attend to the whole cache and to each other in both directions; returns (B, n, V) logits
+        and crops the cache back to P, so the next step sees the same prefix.
+
+        The mask is an all-zeros (B, 1, n, P + n) additive mask (transformers 4.57 Qwen3 takes a
+        ready 4-D mask with ``past_key_values`` in its sdpa and eager paths), with explicit
+        positions P..P+n-1. Equal to :meth:`logits` over prefix + block with a mask that is
+        causal over the prefix and full inside the block (``emu_world.dida`` tests check it).
+        """
+        past = cache.get_seq_length()
+        B, n = tokens.shape
+        if past + n > self.config.max_position_embeddings:
+            raise ValueError(
+                f"WorldModel.refine_block: {past + n} positions exceed model.max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+        positions = torch.arange(past, past + n, device=tokens.device)  # (n,)
+        mask = torch.zeros(B, 1, n, past + n, dtype=self.decoder.dtype, device=tokens.device)  # (B, 1, n, P+n)
+        out = self.decoder(inputs_embeds=self._embed(tokens, hints), past_key_values=cache, use_cache=True,
+                           attention_mask=mask, position_ids=positions[None].expand(B, n), cache_position=positions)
+        cache.crop(past)
+        return out.logits  # (B, n, V)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

@@ -1,0 +1,328 @@
+"""Training stage ``dida``: adapt an AR world-model export to parallel image decoding (DiDA).
+
+    python -m emu_world.train stage=dida init=checkpoints/world_model dataset.root=datasets \\
+        train.steps=600 train.lr=5e-4 train.warmup_steps=50 dida.export_dir=outputs/train/dida/world_model
+    python -m emu_world.train stage=dida init=... resume=true          # continue exactly after an interruption
+    torchrun --nproc_per_node=2 -m emu_world.train stage=dida init=... dataset.root=datasets
+
+What it starts from. ``init`` is a folder written by ``train stage=world_model`` (or an earlier DiDA
+run): its weights, and from its ``manifest.json`` the model and layout configs (they replace the
+composed ``model``/``layout``: the weights fix them), the vision tokenizer (``dida.tokenizer``
+overrides the path; its identity must match) and the action binners (the datasets' binners must
+equal the export's, so the action tokens keep their meaning). Data (``dataset.root``, ``data.*``)
+and the loop (``train.*``) are this run's, exactly as in :mod:`emu_world.train_world_model`, whose
+pieces are reused: config parsing, token cache, batch schedule, checkpoint modules, export.
+
+Loss (:func:`emu_world.dida.dida_loss`): the layout-weighted next-token CE on the clean tokens
+(the AR objective, so token-by-token decoding does not degrade) + ``dida.weight`` x the CE of the
+noisy copies' shifted vision labels (``dida.images_per_row`` images per packed row, noise
+``dida.noise``). The noisy copies of mixture batch ``b`` are a pure function of
+``(dida.seed, b)``, so resuming restores them.
+
+Evaluation (``train.eval_every``, at step 0 before any update, and at the end; one forward pass
+per held-out batch): the world-model stage's teacher-forced metrics of the clean tokens (per-kind
+loss, ``frame_acc``) and the noisy copies' ``dida/ce`` and ``dida/acc`` (argmax over the codes).
+The step-0 numbers are the "before" of the issue's before/after.
+
+Export: the world-model folder format (``python -m emu_world.bench world_model checkpoint=<it>``
+and ``python -m emu_world.bench dida checkpoint=<it>`` read it), with ``manifest.json`` adding
+``stage: dida``, ``init`` (path, command, metrics and training time of the AR export),
+``dida`` (weight, images per row, noise path, sampler defaults, adaptation seconds and their ratio
+to the AR training time), ``metrics_before`` (step 0) and ``quality`` (AR and DiDA frame quality:
+null until ``python -m emu_world.bench dida`` is run on the export and recorded).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from emu_world.config import to_dataclass
+from emu_world.data.sequences import HeldoutMetrics, MixtureDataset
+from emu_world.dida import (
+    NoiseConfig, NoisePath, SamplerConfig, build_dida_batch, dida_loss, noisy_copy_scores, tokenizer_codebook,
+)
+from emu_world.layout import ActionBinner, SequenceLayout
+from emu_world.tokenizer import load_tokenizer
+from emu_world.train_world_model import (
+    Parts, check_run_dir, checkpoint_modules, export, parse_config, prepare_token_cache, step_batches,
+)
+from emu_world.training import (
+    DistInfo, LoopConfig, MetricLogger, TrainResult, all_reduce_sum, average_gradients, cosine_lr, init_distributed,
+    load_checkpoint, save_checkpoint, set_lr, teardown_distributed,
+)
+from emu_world.world_model import WorldModel
+
+LOGGED = ("loss", "ar/loss", "ce/vision", "ce/text", "ce/action", "ce/structure", "dida/ce", "dida/acc")
+TRAIN_KEY, EVAL_KEY = 0, 1  # the noisy copies of training batch b use seed (dida.seed, 0, b), held-out (.., 1, b)
+
+
+@dataclass
+class DidaStageConfig:
+    """``dida:`` section of ``configs/train.yaml`` (the AR export to adapt is the top-level ``init``)."""
+
+    weight: float = 1.0  # noisy-copy CE weight against the AR loss (1: equal)
+    images_per_row: int = 2  # noisy copies appended per packed row (fewer when a row has fewer images)
+    seed: int = 0  # which images, their times and noise: a pure function of (seed, batch index)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the export's default sampler
+    tokenizer: str | None = None  # None: the init export's tokenizer path (identity checked either way)
+    tokenize: bool = True  # fill missing token-cache entries first
+    eval_batches: int = 8  # held-out mixture batches per evaluation
+    export_dir: str | None = None  # None: <run_dir>/world_model
+
+    def __post_init__(self) -> None:
+        if isinstance(self.noise, dict):
+            self.noise = NoiseConfig(**self.noise)
+        if isinstance(self.sampler, dict):
+            self.sampler = SamplerConfig(**self.sampler)
+        if not np.isfinite(self.weight) or self.weight <= 0:
+            raise ValueError(f"dida.weight must be a finite number > 0, got {self.weight}")
+        if self.images_per_row < 1:
+            raise ValueError(f"dida.images_per_row must be >= 1, got {self.images_per_row}")
+        if self.eval_batches < 1:
+            raise ValueError(f"dida.eval_batches must be >= 1, got {self.eval_batches}")
+
+
+@dataclass
+class InitExport:
+    """The AR export a DiDA run starts from."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+
+def read_init(cfg: DictConfig) -> InitExport:
+    from emu_world.bench import resolve_path
+
+    if not cfg.get("init"):
+        raise ValueError("stage=dida adapts an AR world model: give its export folder with init=<folder> (e.g. "
+                         "init=checkpoints/world_model, written by `python -m emu_world.train stage=world_model`)")
+    path = resolve_path(str(cfg.init))
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"init={cfg.init}: {path} holds no world model export (manifest.json is missing); "
+                                "train one with `python -m emu_world.train stage=world_model dataset.root=datasets`")
+    return InitExport(path, json.loads(manifest_path.read_text()))
+
+
+def stage_config(cfg: DictConfig, init: InitExport, stage: DidaStageConfig) -> DictConfig:
+    """This run's config with the init export's model and layout, and the ``world_model:`` section the
+    reused world-model pieces read (tokenizer, token cache, eval batches, export dir) set from ``dida:``."""
+    from emu_world.bench import resolve_path
+
+    saved = init.manifest["config"]
+    tokenizer = stage.tokenizer or str(resolve_path(init.manifest["tokenizer"]["path"]))
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    out.model = saved["model"]
+    out.layout = saved["layout"]
+    out.init = str(init.path)
+    out.world_model.tokenizer = tokenizer
+    out.world_model.tokenize = stage.tokenize
+    out.world_model.eval_batches = stage.eval_batches
+    out.world_model.export_dir = stage.export_dir
+    return out
+
+
+def check_binners(binners: dict[str, ActionBinner], init: InitExport) -> None:
+    """The datasets' action binners must be the ones the init export was trained with."""
+    for entry in init.manifest.get("data", []):
+        name, file = entry.get("name"), entry.get("binner")
+        if not file or name not in binners:
+            continue
+        saved = ActionBinner.load(init.path / file)
+        mine = binners[name]
+        if saved.num_bins != mine.num_bins or not (np.allclose(saved.low, mine.low) and
+                                                    np.allclose(saved.high, mine.high)):
+            raise ValueError(f"dataset {name}: its action binner (from the dataset statistics) differs from the one "
+                             f"the init export was trained with ({init.path / file}); adapt on the datasets the AR "
+                             "model was trained on (same dataset.root) or retrain the AR model")
+
+
+# ----------------------------------------------------------------------------- loop pieces
+
+
+def train_step(model: WorldModel, opt: torch.optim.Optimizer, data: MixtureDataset, indices: list[int],
+               stage: DidaStageConfig, noise: NoisePath, loop: LoopConfig, info: DistInfo) -> dict[str, float]:
+    """One optimisation step over this rank's mixture batches ``indices`` (AR + noisy-copy loss)."""
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    sums = torch.zeros(2 * len(LOGGED) + 1, dtype=torch.float64)  # [value sums | counts | tokens]
+    hints = model.hint_embed is not None
+    for b in indices:
+        packed = data.batch(b).packed  # (R, L)
+        batch = build_dida_batch(data.layout, packed, noise, stage.images_per_row, (stage.seed, TRAIN_KEY, b), hints)
+        loss, logs = dida_loss(model, batch, stage.weight, data.layout)
+        (loss / len(indices)).backward()
+        for i, key in enumerate(LOGGED):
+            if key in logs:
+                sums[i] += logs[key]
+                sums[len(LOGGED) + i] += 1
+        sums[-1] += logs["tokens"]
+    average_gradients(model, info)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip) if loop.grad_clip > 0 else None
+    opt.step()
+    sums = all_reduce_sum(sums, info)
+    out = {key: float(sums[i] / sums[len(LOGGED) + i]) for i, key in enumerate(LOGGED) if sums[len(LOGGED) + i] > 0}
+    out["tokens"] = float(sums[-1])
+    if grad_norm is not None:
+        out["grad_norm"] = float(grad_norm)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: WorldModel, heldout: MixtureDataset, num_batches: int, stage: DidaStageConfig,
+             noise: NoisePath) -> dict[str, float]:
+    """Held-out AR metrics of the clean tokens (:class:`HeldoutMetrics`) and the noisy copies' CE and
+    accuracy, from one forward pass per batch (clean tokens never see the noisy ones, so their logits
+    are the AR model's)."""
+    model.eval()
+    metrics = HeldoutMetrics()
+    ce_sum, correct, count = 0.0, 0, 0
+    hints = model.hint_embed is not None
+    for b in range(num_batches):
+        batch = heldout.batch(b)
+        db = build_dida_batch(heldout.layout, batch.packed, noise, stage.images_per_row, (stage.seed, EVAL_KEY, b),
+                              hints)
+        logits = model.logits(db.tokens, position_ids=db.position_ids, attention_mask=db.attention_mask,
+                              hints=db.hints)  # (R, T, V)
+        metrics.update(logits[:, :db.clean_len], batch)
+        ce, c, n = noisy_copy_scores(logits[:, db.clean_len:], db.labels, heldout.layout)
+        ce_sum, correct, count = ce_sum + float(ce) * n, correct + c, count + n
+    out = {k: round(float(v), 5) for k, v in metrics.result().items()}
+    if count:
+        out["dida/ce"] = round(ce_sum / count, 5)
+        out["dida/acc"] = round(correct / count, 5)
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(cfg: DictConfig) -> TrainResult:
+    """Adapt (or resume adapting) the AR export ``cfg.init`` described by the composed ``configs/train.yaml``."""
+    stage = to_dataclass(DidaStageConfig, cfg.dida)
+    init = read_init(cfg)
+    cfg = stage_config(cfg, init, stage)
+    parts = parse_config(cfg)
+    info = init_distributed(parts.loop.threads)
+    try:
+        return _run(cfg, parts, stage, init, info)
+    finally:
+        teardown_distributed()
+
+
+def _run(cfg: DictConfig, parts: Parts, stage: DidaStageConfig, init: InitExport, info: DistInfo) -> TrainResult:
+    loop = parts.loop
+    log = print if info.is_main else (lambda *a, **k: None)
+    run_dir = Path(cfg.run_dir)
+    per_step = loop.batch_size // parts.data.rows
+    if per_step % info.world_size:
+        raise ValueError(f"train.batch_size={loop.batch_size} gives {per_step} mixture batches of data.rows="
+                         f"{parts.data.rows} per step, not divisible by the {info.world_size} torchrun ranks")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    resolved["data"]["datasets"] = [asdict(s) for s in parts.data.datasets]
+
+    tokenizer = load_tokenizer(parts.stage.tokenizer)
+    tokenizer_id = tokenizer.identity()
+    if tokenizer_id != init.manifest["tokenizer"]["identity"]:
+        raise ValueError(f"the init export {init.path} was trained on codes of tokenizer "
+                         f"{init.manifest['tokenizer']['identity']}, but {parts.stage.tokenizer} is {tokenizer_id}; "
+                         "give that tokenizer's folder with dida.tokenizer=<folder>")
+    ckpt_path = check_run_dir(cfg, run_dir, resolved, tokenizer_id, log)
+    prepare_token_cache(parts, tokenizer, info, log)
+    layout = SequenceLayout.from_config(parts.layout, tokenizer.codebook_size, tuple(tokenizer.grid))
+    train_data = MixtureDataset(parts.data, layout, tokenizer_id, split="train")
+    heldout = MixtureDataset(parts.data, layout, tokenizer_id, split="heldout") \
+        if parts.data.heldout_fraction > 0 else None
+    check_binners(train_data.binners, init)
+    codebook = tokenizer_codebook(tokenizer) if stage.noise.path == "metric" else None
+    noise = NoisePath(stage.noise, layout.codebook_size, codebook)
+
+    model = WorldModel.load(init.path, layout)  # checks the layout spec
+    opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay)
+    log(f"dida: adapting {init.path} ({model.num_parameters():,} parameters), {stage.images_per_row} noisy "
+        f"image(s) of {layout.image_span_len} tokens per row, {per_step} batches x {parts.data.rows} rows per step")
+    step, train_seconds, before = 0, 0.0, {}
+    if ckpt_path is not None:
+        loaded = load_checkpoint(ckpt_path, checkpoint_modules(model), {"model": opt})
+        step, train_seconds = loaded.step, float(loaded.state.get("train_seconds", 0.0))
+        before = loaded.state.get("metrics_before", {})
+        log(f"resumed from {ckpt_path} at step {step}")
+    logger = MetricLogger(run_dir, info.is_main, truncate_after_step=step if ckpt_path is not None else None)
+    if info.is_main and ckpt_path is None:
+        logger.path.unlink(missing_ok=True)
+        if heldout is not None:  # "before": the AR export's held-out numbers, noisy copies included
+            before = evaluate(model, heldout, stage.eval_batches, stage, noise)
+            logger.log({"step": 0, "eval": before})
+
+    def save() -> None:
+        if info.is_main:
+            save_checkpoint(run_dir, checkpoint_modules(model), {"model": opt}, step,
+                            {"train_seconds": train_seconds, "tokenizer_id": tokenizer_id, "init": str(init.path),
+                             "metrics_before": before}, resolved)
+
+    history: list[dict[str, float]] = []
+    start_step = step
+    t_last = time.perf_counter()
+    while step < loop.steps:
+        t0 = time.perf_counter()
+        lr = cosine_lr(step, loop.steps, loop.lr, loop.warmup_steps, loop.min_lr_ratio)
+        set_lr(opt, lr)
+        logs = train_step(model, opt, train_data, step_batches(step, per_step, info), stage, noise, loop, info)
+        step += 1
+        train_seconds += time.perf_counter() - t0
+        record = {"step": step, "lr": lr, **logs}
+        history.append(record)
+        if step % loop.log_every == 0 or step == loop.steps:
+            record["sec_per_step"] = (time.perf_counter() - t_last) / loop.log_every
+            record["train_seconds"] = train_seconds
+            t_last = time.perf_counter()
+            logger.log({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
+        if heldout is not None and loop.eval_every > 0 and step % loop.eval_every == 0 and step < loop.steps \
+                and info.is_main:
+            logger.log({"step": step, "eval": evaluate(model, heldout, stage.eval_batches, stage, noise)})
+        stopping = loop.stop_requested(step, start_step)
+        if step % loop.save_every == 0 or step == loop.steps or stopping:
+            save()
+        if stopping:
+            log(f"stopping after {loop.stop_after} steps at step {step} (train.stop_after); resume=true continues")
+            return TrainResult("dida", run_dir, step, history, None, None, train_seconds)
+
+    final = export_dir = None
+    if info.is_main:
+        final = evaluate(model, heldout, stage.eval_batches, stage, noise) if heldout is not None else {}
+        logger.log({"step": step, "eval": final, "train_seconds": round(train_seconds, 1)})
+        out = Path(stage.export_dir) if stage.export_dir else run_dir / "world_model"
+        export_dir = export(model, train_data, tokenizer, parts, resolved, final, train_seconds, info, out,
+                            extra=manifest_extra(init, stage, before, train_seconds))
+    return TrainResult("dida", run_dir, step, history, final, export_dir, train_seconds)
+
+
+def manifest_extra(init: InitExport, stage: DidaStageConfig, before: dict[str, float],
+                   train_seconds: float) -> dict[str, Any]:
+    """What a DiDA export's manifest adds to the world-model stage's."""
+    ar_seconds = init.manifest.get("train_seconds")
+    ratio = round(train_seconds / float(ar_seconds), 4) if ar_seconds else None
+    return {
+        "stage": "dida",
+        "init": {"path": str(init.path), "command": init.manifest.get("command"),
+                 "code_version": init.manifest.get("code_version"), "metrics": init.manifest.get("metrics"),
+                 "train_seconds": ar_seconds, "stage": init.manifest.get("stage", "world_model")},
+        "dida": {"weight": stage.weight, "images_per_row": stage.images_per_row, "seed": stage.seed,
+                 "noise": asdict(stage.noise), "sampler": asdict(stage.sampler),
+                 "adaptation_seconds": round(train_seconds, 1), "adaptation_vs_ar_training": ratio},
+        "metrics_before": before,
+        "quality": {"ar": None, "dida": None,
+                    "note": "frame quality vs the simulator, AR and DiDA: `python -m emu_world.bench dida "
+                            "checkpoint=<this folder>` measures it; record its JSON here"},
+    }
