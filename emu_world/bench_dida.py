@@ -34,9 +34,11 @@ beside the true frame.
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +53,7 @@ from emu_world.dida import (
     FrameDecodingConfig, FramePredictor, SamplerConfig, export_noise_path, export_sampler_config, frame_predictor,
 )
 from emu_world.generate import Sampling
+from emu_world.training import code_version, command_line
 
 
 def decoders(cfg: DictConfig, manifest: dict[str, Any], vision: Sampling) -> tuple[dict[str, FrameDecodingConfig], int]:
@@ -171,7 +174,38 @@ def bench_dida(cfg: DictConfig) -> dict[str, Any]:
         columns = ["true"] + list(methods)
         summary["picture"] = str(save_grid(bench_output_dir(cfg) / "dida_frames.png", pictures, columns))
     print_table(summary)
+    if cfg.get("record"):
+        record_quality(checkpoint, summary)
     return summary
+
+
+def record_quality(checkpoint: Path, summary: dict[str, Any]) -> None:
+    """Write the headline task's AR and default-K DiDA quality into the export's ``manifest.json``
+    (its ``quality`` entry, atomically), with the command and the episodes that measured it."""
+    path = checkpoint / "manifest.json"
+    manifest = json.loads(path.read_text())
+    keep = ("sec_per_frame", "frames_per_second", "speedup_vs_ar", "forward_passes_per_frame")
+    hs = summary["horizons"]
+
+    def entry(row: dict[str, Any]) -> dict[str, Any]:
+        out = {k: row[k] for k in keep if k in row}
+        out.update({f"{m}_{h}": row[f"{m}_{h}"] for h in hs for m in ("psnr", "ssim", "token_acc")})
+        return out
+
+    sweep = summary["sweep"]
+    manifest["quality"] = {
+        "task": summary["headline_task"], "command": command_line("emu_world.bench dida"),
+        "code_version": code_version(), "seed": summary["seed"], "episodes": summary["episodes"],
+        "starts": summary["starts"], "threads": summary["threads"], "decoding": summary["decoding"],
+        "ar": entry(sweep["ar"]), "dida": {"steps": summary["default_steps"], "update": summary["update"],
+                                            **entry(sweep[f"K={summary['default_steps']}"])},
+        **{f"ceiling_psnr_{h}": summary[f"ceiling_psnr_{h}"] for h in hs},
+        **{f"copy_last_psnr_{h}": summary[f"copy_last_psnr_{h}"] for h in hs},
+    }
+    tmp = path.with_name(".manifest.json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    print(f"recorded AR and DiDA quality in {path}", file=sys.stderr, flush=True)
 
 
 def print_table(summary: dict[str, Any]) -> None:

@@ -112,3 +112,20 @@ def test_missing_export_and_other_tokenizer_are_refused(export, tmp_path):
     other = VisionTokenizer(tok.config)
     with pytest.raises(ValueError, match="tokenizer=<folder>"):
         load_export(export["world_model"], other)
+
+
+def test_shipped_default_world_model_matches_the_shipped_tokenizer():
+    """checkpoints/world_model loads against checkpoints/tokenizer (identity, layout spec, binners)
+    and says how it was made; all shipped checkpoints together stay well under 50 MB."""
+    from emu_world.bench import resolve_path
+    from emu_world.bench_world_model import load_export
+    from emu_world.tokenizer import load_tokenizer
+
+    root = resolve_path("checkpoints")
+    ex = load_export(root / "world_model", load_tokenizer(root / "tokenizer"))
+    assert {"aloha_fold", "aloha_transfer_cube", "aloha_insertion", "widowx_pick_place", "explore_room"} <= set(ex.tasks)
+    m = ex.manifest
+    assert {"command", "config", "data", "code_version", "metrics", "train_seconds"} <= set(m)
+    assert m["stage"] == "dida" and m["init"]["train_seconds"] > 0 and m["dida"]["adaptation_vs_ar_training"] <= 0.2
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert total < 40 * 2**20

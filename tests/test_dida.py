@@ -404,7 +404,7 @@ def test_benchmarks_run_on_the_adapted_export(world, tmp_path):
               "starts=1", "max_episode_steps=12", "threads=1"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR / "bench"), version_base="1.3"):
         cfg = compose(config_name="dida", overrides=[*common, "horizons=[1,2]", "steps=[1,2]", "default_steps=2",
-                                                     f"output={tmp_path / 'dida' / 'bench.json'}"])
+                                                     "record=true", f"output={tmp_path / 'dida' / 'bench.json'}"])
         summary = run_benchmark("dida", cfg)
         wm = compose(config_name="world_model", overrides=[*common, "horizons=[1,2]", "decoding=dida", "dida.steps=2",
                                                            "picture=true", "throughput.steps=0",
@@ -418,5 +418,9 @@ def test_benchmarks_run_on_the_adapted_export(world, tmp_path):
     assert summary["psnr_gap_db"] == pytest.approx(summary["psnr_1_ar"] - summary["psnr_1_dida"], abs=1e-3)
     assert Path(summary["picture"]).is_file()
     assert json.loads((tmp_path / "dida" / "bench.json").read_text())["speedup_vs_ar"] == summary["speedup_vs_ar"]
+    quality = json.loads((Path(export) / "manifest.json").read_text())["quality"]  # record=true
+    assert quality["task"] == "widowx_pick_place" and quality["dida"]["steps"] == 2
+    assert quality["ar"]["psnr_1"] == summary["sweep"]["ar"]["psnr_1"]
+    assert quality["dida"]["psnr_2"] == summary["sweep"]["K=2"]["psnr_2"] and "bench" in quality["command"]
     assert wm_summary["frame_decoding"] == "dida K=2 (renoise)" and np.isfinite(wm_summary["psnr_1"])
     assert Path(wm_summary["picture"]).name == "strip.png" and Path(wm_summary["picture"]).is_file()
