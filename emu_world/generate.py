@@ -21,8 +21,9 @@ only fed when vision logits are needed, so it costs one forward pass per vision 
 
 References and departures: Emu3/Emu3.5 sample images token by token with top-k and CFG on the
 image tokens; the structure tokens are fixed by the layout here rather than left to the model.
-Guidance only helps a model trained with conditioning dropped in the same way (the training
-stage's job); with scale 1 it equals no guidance.
+Guidance only helps a model trained with conditioning dropped in the same way
+(``data.cond_dropout``: :meth:`~emu_world.layout.SequenceLayout.drop_conditioning`, the same rule);
+with scale 1 it equals no guidance.
 """
 
 from __future__ import annotations
@@ -102,14 +103,8 @@ def unconditional_prefix(layout: SequenceLayout, prefix: Sequence[int], action_d
     """The prefix without its conditioning: text outside images (task/scene, subtasks,
     commands) and action bins are dropped; BOS, the kind tag, images and the other structure
     tokens stay. The context for classifier-free guidance."""
-    st = layout.state(action_dim)
-    out = []
-    for token in np.asarray(prefix).reshape(-1).tolist():
-        condition = (token in layout.text and not st.in_image) or token in layout.action
-        st.advance(token)
-        if not condition:
-            out.append(token)
-    return out
+    tokens = np.asarray(prefix, dtype=np.int64).reshape(-1)
+    return tokens[~layout.conditioning_mask(tokens, action_dim)].tolist()
 
 
 class _Context:

@@ -812,6 +812,30 @@ class SequenceLayout:
         image_spans = np.asarray(images, dtype=np.int64).reshape(-1, 3)
         return Packed(tokens, weights, roles, doc_ids, position_ids, documents, image_spans)
 
+    def conditioning_mask(self, tokens: Sequence[int], action_dim: int | None = None) -> np.ndarray:
+        """(N,) bool: the conditioning of a stream, what classifier-free guidance leaves out: text
+        outside images (task/scene prompt, subtasks, commands) and action bins. BOS, the kind tag,
+        images (their meta text included) and the other structure tokens are not conditioning."""
+        st = self.state(action_dim)
+        out = []
+        for token in np.asarray(tokens).reshape(-1).tolist():
+            out.append((token in self.text and not st.in_image) or token in self.action)
+            st.advance(token)
+        return np.asarray(out, dtype=bool)
+
+    def drop_conditioning(self, sample: Sample) -> Sample:
+        """The sample without its conditioning (:meth:`conditioning_mask`): the unconditional
+        stream classifier-free guidance compares with, as a training sample (``data.cond_dropout``).
+        Weights and roles follow their tokens; action spans become empty (BOA EOA), text spans go."""
+        keep = ~self.conditioning_mask(sample.tokens)
+        new = np.cumsum(keep) - 1  # (N,) new index of every kept token
+        images = np.stack([new[sample.image_spans[:, 0]], new[sample.image_spans[:, 1]]], axis=1) \
+            if len(sample.image_spans) else sample.image_spans
+        ends = new[sample.action_spans[:, 1]] if len(sample.action_spans) else np.zeros(0, dtype=np.int64)
+        return Sample(sample.kind, sample.tokens[keep], sample.weights[keep], sample.roles[keep],
+                      images.astype(np.int64).reshape(-1, 2), np.stack([ends, ends], axis=1).astype(np.int64),
+                      np.zeros((0, 2), dtype=np.int64))
+
     def frame_hints(self, tokens: "torch.Tensor", doc_ids: "torch.Tensor | None" = None) -> "torch.Tensor":
         """(B, L) ids -> (B, L) previous-frame hints: ``hints[b, i]`` is the code (0..K-1) that the
         previous image of the same document holds at the grid cell of token ``i + 1``, when token

@@ -472,3 +472,33 @@ def test_frame_hints_point_at_the_previous_image_cell_by_cell(layout):
     got = layout.frame_hints(torch.as_tensor(packed.tokens), torch.as_tensor(packed.doc_ids))[0].numpy()
     np.testing.assert_array_equal(got[len(other):], expected)
     assert (got[:len(other)] >= 0).sum() == layout.grid[0] * layout.grid[1]  # the plan's keyframe only
+
+
+# ----------------------------------------------------------------------------- classifier-free guidance
+
+
+@pytest.mark.parametrize("kind", list(SampleKind))
+def test_drop_conditioning_is_the_unconditional_stream(layout, kind):
+    from emu_world.generate import unconditional_prefix
+
+    rng = np.random.default_rng(13)
+    if kind == SampleKind.DYNAMICS:
+        s, frames, _ = dynamics_sample(layout, rng, n=3)
+    elif kind == SampleKind.PLAN:
+        frames = codes(rng, 3)
+        s = layout.plan(TASK, frames[0], ["lift the cube", "place it"], frames[1:])
+    else:
+        frames = codes(rng, 3)
+        s = layout.exploration("a kitchen", frames, ["forward", "turn left"])
+    u = layout.drop_conditioning(s)
+    np.testing.assert_array_equal(u.tokens, unconditional_prefix(layout, s.tokens))  # one rule for both
+    assert not any(t in layout.action for t in u.tokens.tolist())
+    assert len(u.tokens) == len(u.weights) == len(u.roles) and not len(u.text_spans)
+    assert (u.roles != Role.TEXT).all() and (u.roles != Role.ACTION).all()
+    for (a, b), frame in zip(u.image_spans, frames):  # every image kept whole, codes where the spans say
+        assert u.tokens[a - 1] == layout.sot and u.tokens[b] == layout.eov
+        np.testing.assert_array_equal(u.tokens[a + layout.code_offsets] - layout.vision.start, frame.reshape(-1))
+    assert len(u.image_spans) == len(s.image_spans)
+    for a, b in u.action_spans:
+        assert a == b and u.tokens[a - 1] == layout.boa and u.tokens[a] == layout.eoa
+    np.testing.assert_array_equal(u.weights[u.roles == Role.VISION], s.weights[s.roles == Role.VISION])

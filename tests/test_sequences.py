@@ -225,3 +225,26 @@ def test_config_and_dataset_errors_are_clear(world):
         MixtureDataset(data_config(world), layout, "ibq-f8-k64-0000000000000000")  # never tokenized
     with pytest.raises(ValueError, match="frame_stride for embodiment 'robo'"):
         MixtureDataset(data_config(world, f"data.datasets=[{{root:{roots[0]},tag:robo}}]"), layout, tok.identity())
+
+
+def test_cond_dropout_trains_on_unconditional_streams_only_in_training(world):
+    tok, layout, _, _ = world
+    mix = MixtureDataset(data_config(world, "data.cond_dropout=0.5"), layout, tok.identity())
+    rng = np.random.default_rng(2)
+    drawn = [mix.draw(rng) for _ in range(200)]
+
+    def unconditional(sample) -> bool:  # no prompt text after BOS and the kind tag, no action bins
+        return sample.tokens[2] == layout.sov and not any(t in layout.action for t in sample.tokens.tolist())
+
+    dropped = [d for d in drawn if unconditional(d.sample)]
+    assert 0.35 < len(dropped) / len(drawn) < 0.65  # about half: every conditional sample has a prompt
+    for d in dropped[:5]:
+        assert d.sample.tokens[1] in layout.kind_of_tag and not len(d.sample.text_spans)
+        assert (d.sample.roles != Role.TEXT).all() and (d.sample.roles != Role.ACTION).all()
+    batch = mix.batch(0)  # unconditional samples pack and keep their images whole
+    assert len(batch.packed.image_spans) == sum(len(s.sample.image_spans) for s in batch.samples)
+    heldout = MixtureDataset(data_config(world, "data.cond_dropout=0.5"), layout, tok.identity(), split="heldout")
+    rng = np.random.default_rng(3)
+    assert not any(unconditional(heldout.draw(rng).sample) for _ in range(50))
+    with pytest.raises(ValueError, match="cond_dropout"):
+        data_config(world, "data.cond_dropout=1.0")

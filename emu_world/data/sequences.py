@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import count
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -119,6 +119,7 @@ class DataConfig:
     heldout_fraction: float = 0.1  # last fraction of each dataset's episodes held out
     seed: int = 0
     token_cache: str | None = None  # null: <root>/tokens; else <token_cache>/<name>-<hash>
+    cond_dropout: float = 0.0  # training draws whose conditioning is dropped (classifier-free guidance)
 
     def __post_init__(self) -> None:
         if not self.datasets:
@@ -165,6 +166,8 @@ class DataConfig:
             raise ValueError(f"data.max_len and data.rows must be >= 1, got {self.max_len} and {self.rows}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"data.cond_dropout must be in [0, 1), got {self.cond_dropout}")
 
 
 # ----------------------------------------------------------------------------- typed records
@@ -508,7 +511,10 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         source = self.sources[int(rng.choice(len(self.sources), p=p))]
         kinds = list(source.kind_probs)
         kind = kinds[int(rng.choice(len(kinds), p=list(source.kind_probs.values())))]
-        return source.draw(kind, self.split, rng)
+        drawn = source.draw(kind, self.split, rng)
+        if self.split == "train" and self.config.cond_dropout > 0 and rng.random() < self.config.cond_dropout:
+            drawn = replace(drawn, sample=self.layout.drop_conditioning(drawn.sample))  # for guidance
+        return drawn
 
     def batch(self, index: int) -> Batch:
         """Batch ``index`` of this split: a pure function of (seed, split, index)."""
