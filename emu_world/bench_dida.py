@@ -46,7 +46,7 @@ import torch
 from omegaconf import DictConfig
 
 from emu_world.bench_world_model import (
-    EncodedEpisode, Export, Rollout, TaskSpec, build_sample, encode_episodes, load_export, record_episodes,
+    EncodedEpisode, Export, Rollout, TaskSpec, build_sample, encode_episodes, open_bench, record_episodes,
     score_rollouts, start_frames,
 )
 from emu_world.dida import (
@@ -118,22 +118,11 @@ def picture_rows(task: str, encoded: list[EncodedEpisode], firsts: dict[str, Rol
 
 
 def bench_dida(cfg: DictConfig) -> dict[str, Any]:
-    from emu_world.bench import bench_output_dir, resolve_path, save_grid
-    from emu_world.tokenizer import load_tokenizer
+    from emu_world.bench import bench_output_dir, save_grid
 
-    torch.set_num_threads(int(cfg.threads))
-    checkpoint = resolve_path(cfg.checkpoint)
-    tokenizer = load_tokenizer(resolve_path(cfg.tokenizer))
-    ex = load_export(checkpoint, tokenizer)
-    names = [str(t) for t in cfg.tasks] if cfg.tasks else list(ex.tasks)
-    missing = [t for t in names if t not in ex.tasks]
-    if missing or not names:
-        raise ValueError(f"the world model {checkpoint} was not trained on {missing or 'any simulator task'}; "
-                         f"its simulator tasks: {sorted(ex.tasks)}; pass tasks=[...]")
-    horizons = sorted({int(h) for h in cfg.horizons})
-    if horizons[0] < 1 or int(cfg.context_frames) < 1 or int(cfg.starts) < 1:
-        raise ValueError("horizons, context_frames and starts must be >= 1")
-    vision = Sampling(float(cfg.vision.temperature), int(cfg.vision.top_k))
+    setup = open_bench(cfg)
+    checkpoint, tokenizer, ex, names = setup.checkpoint, setup.tokenizer, setup.export, setup.tasks
+    horizons, vision = setup.horizons, setup.vision
     methods, default_k = decoders(cfg, ex.manifest, vision)
     noise = export_noise_path(ex.manifest, ex.layout, tokenizer)
     per_task, pictures = {}, []

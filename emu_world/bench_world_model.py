@@ -372,8 +372,22 @@ def training_throughput(model: WorldModel, layout: SequenceLayout, samples: list
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
-    from emu_world.bench import bench_output_dir, resolve_path, save_grid
+@dataclass
+class BenchSetup:
+    """What every rollout benchmark (world_model, dida) opens from its config."""
+
+    checkpoint: Path
+    tokenizer: Any
+    export: Export
+    tasks: list[str]  # the tasks to measure, the headline first
+    horizons: list[int]  # sorted
+    vision: Sampling
+
+
+def open_bench(cfg: DictConfig) -> BenchSetup:
+    """Threads, the export and its tokenizer (identity checked), the tasks, horizons and vision sampling
+    of a rollout benchmark's config, with clear errors."""
+    from emu_world.bench import resolve_path
     from emu_world.tokenizer import load_tokenizer
 
     torch.set_num_threads(int(cfg.threads))
@@ -384,11 +398,20 @@ def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
     missing = [t for t in names if t not in ex.tasks]
     if missing or not names:
         raise ValueError(f"the world model {checkpoint} was not trained on {missing or 'any simulator task'}; "
-                         f"its simulator tasks: {sorted(ex.tasks)}")
+                         f"its simulator tasks: {sorted(ex.tasks)}; pass tasks=[...]")
     horizons = sorted({int(h) for h in cfg.horizons})
     if horizons[0] < 1 or int(cfg.context_frames) < 1 or int(cfg.starts) < 1:
         raise ValueError("horizons, context_frames and starts must be >= 1")
-    vision = Sampling(float(cfg.vision.temperature), int(cfg.vision.top_k))
+    return BenchSetup(checkpoint, tokenizer, ex, names, horizons,
+                      Sampling(float(cfg.vision.temperature), int(cfg.vision.top_k)))
+
+
+def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
+    from emu_world.bench import bench_output_dir, save_grid
+
+    setup = open_bench(cfg)
+    checkpoint, tokenizer, ex, names = setup.checkpoint, setup.tokenizer, setup.export, setup.tasks
+    horizons, vision = setup.horizons, setup.vision
     decoding = frame_decoding_config(cfg, ex.manifest, vision)
     noise = export_noise_path(ex.manifest, ex.layout, tokenizer) if decoding.decoding == "dida" else None
     per_task, samples, strips = {}, [], []

@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from emu_world.config import to_dataclass
@@ -55,8 +54,9 @@ from emu_world.tokenizer import load_tokenizer
 from emu_world.train_world_model import (
     Parts, check_run_dir, checkpoint_modules, export, parse_config, prepare_token_cache, step_batches,
 )
+from emu_world.train_world_model import train_step as world_model_train_step
 from emu_world.training import (
-    DistInfo, LoopConfig, MetricLogger, TrainResult, all_reduce_sum, average_gradients, cosine_lr, init_distributed,
+    DistInfo, LoopConfig, MetricLogger, TrainResult, cosine_lr, init_distributed,
     load_checkpoint, save_checkpoint, set_lr, teardown_distributed,
 )
 from emu_world.world_model import WorldModel
@@ -152,30 +152,16 @@ def check_binners(binners: dict[str, ActionBinner], init: InitExport) -> None:
 
 def train_step(model: WorldModel, opt: torch.optim.Optimizer, data: MixtureDataset, indices: list[int],
                stage: DidaStageConfig, noise: NoisePath, loop: LoopConfig, info: DistInfo) -> dict[str, float]:
-    """One optimisation step over this rank's mixture batches ``indices`` (AR + noisy-copy loss)."""
-    model.train()
-    opt.zero_grad(set_to_none=True)
-    sums = torch.zeros(2 * len(LOGGED) + 1, dtype=torch.float64)  # [value sums | counts | tokens]
+    """One optimisation step over this rank's mixture batches ``indices`` (AR + noisy-copy loss): the
+    world-model stage's step with the DiDA batch loss."""
     hints = model.hint_embed is not None
-    for b in indices:
+
+    def batch_loss(model: WorldModel, data: MixtureDataset, b: int) -> tuple[torch.Tensor, dict[str, float]]:
         packed = data.batch(b).packed  # (R, L)
         batch = build_dida_batch(data.layout, packed, noise, stage.images_per_row, (stage.seed, TRAIN_KEY, b), hints)
-        loss, logs = dida_loss(model, batch, stage.weight, data.layout)
-        (loss / len(indices)).backward()
-        for i, key in enumerate(LOGGED):
-            if key in logs:
-                sums[i] += logs[key]
-                sums[len(LOGGED) + i] += 1
-        sums[-1] += logs["tokens"]
-    average_gradients(model, info)
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip) if loop.grad_clip > 0 else None
-    opt.step()
-    sums = all_reduce_sum(sums, info)
-    out = {key: float(sums[i] / sums[len(LOGGED) + i]) for i, key in enumerate(LOGGED) if sums[len(LOGGED) + i] > 0}
-    out["tokens"] = float(sums[-1])
-    if grad_norm is not None:
-        out["grad_norm"] = float(grad_norm)
-    return out
+        return dida_loss(model, batch, stage.weight, data.layout)
+
+    return world_model_train_step(model, opt, data, indices, loop, info, batch_loss, LOGGED)
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -161,26 +161,37 @@ def checkpoint_modules(model: WorldModel) -> dict[str, nn.Module]:
     return parts
 
 
+def ar_batch_loss(model: WorldModel, data: MixtureDataset, b: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """The world-model stage's loss of mixture batch ``b``: the layout-weighted next-token CE."""
+    return model(**model.packed_inputs(data.batch(b).packed))  # packed (R, L)
+
+
+BatchLoss = Callable[[WorldModel, MixtureDataset, int], tuple[torch.Tensor, dict[str, float]]]
+
+
 def train_step(model: WorldModel, opt: torch.optim.Optimizer, data: MixtureDataset, indices: list[int],
-               loop: LoopConfig, info: DistInfo) -> dict[str, float]:
-    """One optimisation step over this rank's mixture batches ``indices`` (every rank holds as many)."""
+               loop: LoopConfig, info: DistInfo, batch_loss: BatchLoss = ar_batch_loss,
+               logged: tuple[str, ...] = LOGGED) -> dict[str, float]:
+    """One optimisation step over this rank's mixture batches ``indices`` (every rank holds as many).
+
+    ``batch_loss(model, data, b)`` gives a batch's loss and logs (the DiDA stage passes its own);
+    ``logged`` names the logs averaged over batches and ranks."""
     model.train()
     opt.zero_grad(set_to_none=True)
-    sums = torch.zeros(2 * len(LOGGED) + 1, dtype=torch.float64)  # [value sums | counts | tokens]
+    sums = torch.zeros(2 * len(logged) + 1, dtype=torch.float64)  # [value sums | counts | tokens]
     for b in indices:
-        batch = data.batch(b)  # packed (R, L)
-        loss, logs = model(**model.packed_inputs(batch.packed))
+        loss, logs = batch_loss(model, data, b)
         (loss / len(indices)).backward()  # this rank's mean; averaged over ranks: the mean of all per_step batches
-        for i, key in enumerate(LOGGED):
+        for i, key in enumerate(logged):
             if key in logs:
                 sums[i] += logs[key]
-                sums[len(LOGGED) + i] += 1
+                sums[len(logged) + i] += 1
         sums[-1] += logs["tokens"]
     average_gradients(model, info)
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip) if loop.grad_clip > 0 else None
     opt.step()
     sums = all_reduce_sum(sums, info)
-    out = {key: float(sums[i] / sums[len(LOGGED) + i]) for i, key in enumerate(LOGGED) if sums[len(LOGGED) + i] > 0}
+    out = {key: float(sums[i] / sums[len(logged) + i]) for i, key in enumerate(logged) if sums[len(logged) + i] > 0}
     out["tokens"] = float(sums[-1])
     if grad_norm is not None:
         out["grad_norm"] = float(grad_norm)
