@@ -78,6 +78,11 @@ class TokenizerConfig:
     # else in the frame moves, which is what the world model has to predict. False: 3x3 blocks with
     # GroupNorm (image-wide statistics), the taming-style encoder.
     local_encoder: bool = False
+    # Widths of decoder-only levels above the stem resolution, each doubling it with one 3x3
+    # residual block (the head's pixel shuffle shrinks by 2 per level; stem_stride must allow it).
+    # [32] at f8/128 px: a 64x64 level, so thin structures (gripper fingers, cloth edges) are drawn
+    # from 2x2 instead of 4x4 pixel cells. Codes and the encoder are unaffected.
+    decoder_upsample: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.channels = [int(c) for c in self.channels]
@@ -110,6 +115,18 @@ class TokenizerConfig:
             setattr(self, name, blocks)
         if self.code_dim < 1:
             raise ValueError(f"tokenizer.code_dim must be >= 1, got {self.code_dim}")
+        self.decoder_upsample = [int(c) for c in self.decoder_upsample]
+        factor = 2 ** len(self.decoder_upsample)
+        if self.stem_stride % factor:
+            raise ValueError(
+                f"tokenizer.decoder_upsample={self.decoder_upsample} doubles the decoder's resolution "
+                f"{len(self.decoder_upsample)} time(s), which needs stem_stride divisible by {factor} "
+                f"(got {self.stem_stride}); list fewer levels"
+            )
+        if self.norm == "group" and any(c % self.norm_groups for c in self.decoder_upsample):
+            raise ValueError(
+                f"tokenizer.decoder_upsample {self.decoder_upsample} must all be divisible by norm_groups={self.norm_groups}"
+            )
 
     @property
     def downsample(self) -> int:
@@ -241,10 +258,14 @@ class Decoder(nn.Module):
             if i < len(ch) - 1:
                 blocks += [nn.Conv2d(c, 4 * ch[i + 1], 1), nn.PixelShuffle(2)]  # double the resolution
             levels.append(nn.Sequential(*blocks))
+        width = ch[-1]
+        for c in cfg.decoder_upsample:  # decoder-only levels above the stem resolution
+            levels.append(nn.Sequential(nn.Conv2d(width, 4 * c, 1), nn.PixelShuffle(2), ResBlock(cfg, c)))
+            width = c
         self.levels = nn.Sequential(*levels)
-        self.norm_out = _norm(cfg, ch[-1])
-        p = cfg.stem_stride
-        self.head = nn.Conv2d(ch[-1], 3 * p * p, 3, padding=1)
+        self.norm_out = _norm(cfg, width)
+        p = cfg.stem_stride // 2 ** len(cfg.decoder_upsample)
+        self.head = nn.Conv2d(width, 3 * p * p, 3, padding=1)
         self.unpatchify = nn.PixelShuffle(p)
 
     def forward(self, z_q: torch.Tensor) -> torch.Tensor:
@@ -440,8 +461,14 @@ class VisionTokenizer(nn.Module):
         return model.to(memory_format=torch.channels_last).eval()  # oneDNN's fast layout on CPU
 
 
+# Config fields added after tokenizers were shipped: left out of the identity while at their
+# default, so adding an option never changes the id (and token caches) of existing checkpoints.
+_IDENTITY_OPTIONAL = {"decoder_upsample": []}
+
+
 def state_identity(config: TokenizerConfig, state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    described = {k: v for k, v in config.to_dict().items() if _IDENTITY_OPTIONAL.get(k, object()) != v}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())

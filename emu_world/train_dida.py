@@ -52,7 +52,7 @@ from emu_world.dida import (
 from emu_world.layout import ActionBinner, SequenceLayout
 from emu_world.tokenizer import load_tokenizer
 from emu_world.train_world_model import (
-    Parts, check_run_dir, checkpoint_modules, export, parse_config, prepare_token_cache, step_batches,
+    Parts, check_export_dtype, check_run_dir, checkpoint_modules, export, parse_config, prepare_token_cache, step_batches,
 )
 from emu_world.train_world_model import train_step as world_model_train_step
 from emu_world.training import (
@@ -78,8 +78,10 @@ class DidaStageConfig:
     tokenize: bool = True  # fill missing token-cache entries first
     eval_batches: int = 8  # held-out mixture batches per evaluation
     export_dir: str | None = None  # None: <run_dir>/world_model
+    export_dtype: str = "float16"  # weights of the export (training stays float32)
 
     def __post_init__(self) -> None:
+        check_export_dtype(self.export_dtype, "dida.export_dtype")
         if isinstance(self.noise, dict):
             self.noise = NoiseConfig(**self.noise)
         if isinstance(self.sampler, dict):
@@ -129,6 +131,7 @@ def stage_config(cfg: DictConfig, init: InitExport, stage: DidaStageConfig) -> D
     out.world_model.tokenize = stage.tokenize
     out.world_model.eval_batches = stage.eval_batches
     out.world_model.export_dir = stage.export_dir
+    out.world_model.export_dtype = stage.export_dtype
     return out
 
 

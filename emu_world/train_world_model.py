@@ -59,7 +59,16 @@ from emu_world.world_model import WorldModel, WorldModelConfig
 
 LOGGED = ("loss", "ce/vision", "ce/text", "ce/action", "ce/structure")  # averaged over micro-batches and ranks
 RESUME_IGNORED = {"resume", "overwrite", "train.stop_after", "train.log_every", "train.eval_every",
-                  "train.save_every", "world_model.export_dir", "dida.export_dir"}
+                  "train.save_every", "world_model.export_dir", "dida.export_dir",
+                  "world_model.export_dtype", "dida.export_dtype"}
+
+
+EXPORT_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def check_export_dtype(dtype: str, key: str) -> None:
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"{key} must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
 
 
 @dataclass
@@ -70,8 +79,10 @@ class WorldModelStageConfig:
     tokenize: bool = True  # fill missing token-cache entries first (False: only check, fail with the command)
     eval_batches: int = 8  # held-out mixture batches per evaluation (the same ones every time)
     export_dir: str | None = None  # None: <run_dir>/world_model
+    export_dtype: str = "float16"  # weights of the export (training and its checkpoints stay float32)
 
     def __post_init__(self) -> None:
+        check_export_dtype(self.export_dtype, "world_model.export_dtype")
         if not str(self.tokenizer).strip():
             raise ValueError("world_model.tokenizer is empty; give the tokenizer folder (e.g. checkpoints/tokenizer)")
         if self.eval_batches < 1:
@@ -324,7 +335,7 @@ def export(model: WorldModel, data: MixtureDataset, tokenizer: ImageTokenizer, p
     """Write the world model folder: weights + config (``WorldModel.save``), ``binners/<dataset>.json``
     and ``manifest.json`` (command, config, data, tokenizer identity, code version, metrics; plus
     ``extra`` entries, e.g. the DiDA stage's)."""
-    model.save(out)
+    model.save(out, dtype=getattr(torch, parts.stage.export_dtype))
     binners = out / "binners"
     binners.mkdir(exist_ok=True)
     for name, binner in data.binners.items():

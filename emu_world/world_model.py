@@ -27,6 +27,7 @@ the layout ``spec`` the weights were trained for). Never pickles.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -361,13 +362,17 @@ class WorldModel(nn.Module):
         return out.logits  # (B, n, V)
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors`` + ``config.json`` (config and layout spec) into ``directory``."""
+    def save(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` (config and layout spec) into ``directory``.
+
+        ``dtype`` rounds the stored weights (e.g. float16 halves the file); :meth:`load` always
+        builds a float32 model from them."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": asdict(self.config),
-                "layout_spec": self.layout_spec}
-        save_model(self, str(directory / WEIGHTS_FILE))  # handles the tied head
+                "layout_spec": self.layout_spec, "dtype": str(dtype).removeprefix("torch.")}
+        stored = self if dtype == torch.float32 else copy.deepcopy(self).to(dtype)
+        save_model(stored, str(directory / WEIGHTS_FILE))  # handles the tied head
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
         return directory
 

@@ -173,6 +173,31 @@ def test_config_checks():
     assert TokenizerConfig(channels=[16, 32], encoder_blocks=2, decoder_blocks=1).encoder_blocks == [2, 2]
     with pytest.raises(ValueError, match="unknown key"):
         TokenizerConfig.from_dict({"image_size": 32, "nope": 1})
+    with pytest.raises(ValueError, match="stem_stride divisible by 8"):
+        TokenizerConfig(channels=[16, 32], encoder_blocks=1, decoder_blocks=1, decoder_upsample=[8, 8, 8])
+
+
+def test_decoder_upsample_levels_leave_codes_and_old_identities_alone():
+    """decoder_upsample adds decoder-only levels above the stem resolution: same code grid and
+    encoder, a 2x finer head; a config at the default keeps the identity it had before the option."""
+    torch.manual_seed(0)
+    base = VisionTokenizer(tiny_config()).eval()
+    torch.manual_seed(0)
+    fine = VisionTokenizer(tiny_config("tokenizer.decoder_upsample=[8]")).eval()
+    assert fine.grid == base.grid and fine.decoder.head.out_channels == 3 * 2 * 2
+    x = torch.as_tensor(frames(2)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert fine(x).recon.shape == x.shape
+    torch.testing.assert_close(fine.encode(frames(2)), base.encode(frames(2)))  # same seed: same encoder
+    assert fine.decode(fine.encode(frames(2))).shape == (2, 32, 32, 3)
+    # the identity of a default config hashes exactly the keys that existed before the option
+    import hashlib
+    described = {k: v for k, v in base.config.to_dict().items() if k != "decoder_upsample"}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    for name, tensor in sorted(base.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.float().contiguous().numpy().tobytes())
+    assert base.identity().endswith(digest.hexdigest()[:16])
+    assert fine.identity() != base.identity()
 
 
 def test_image_metrics():

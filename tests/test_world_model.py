@@ -194,6 +194,18 @@ def test_save_load_round_trip_and_layout_mismatch(layout, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again.logits(tokens), model.logits(tokens), atol=0, rtol=0)
 
+    # float16 export: half the bytes, a float32 model with the rounded weights, the tie kept
+    model.save(tmp_path / "wm16", dtype=torch.float16)
+    assert json.loads((tmp_path / "wm16" / "config.json").read_text())["dtype"] == "float16"
+    half = WorldModel.load(tmp_path / "wm16", layout).eval()
+    assert half.decoder.lm_head.weight is half.decoder.model.embed_tokens.weight
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    for (name, p), q in zip(model.state_dict().items(), half.state_dict().values()):
+        torch.testing.assert_close(q, p.half().float(), atol=0, rtol=0, msg=name)
+    assert model.decoder.lm_head.weight.dtype == torch.float32  # the saved model itself is untouched
+    size = {d: (tmp_path / d / "model.safetensors").stat().st_size for d in ("wm", "wm16")}
+    assert size["wm16"] < 0.6 * size["wm"], size
+
     other = SequenceLayout(layout.config, layout.text_tokenizer, 2 * K, GRID)
     with pytest.raises(ValueError, match=r"codebook_size: checkpoint 8 vs layout 16.*Build the layout"):
         WorldModel.load(tmp_path / "wm", other)
