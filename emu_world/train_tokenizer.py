@@ -351,9 +351,13 @@ class Parts:
 
 
 def parse_config(cfg: DictConfig) -> Parts:
-    return Parts(to_dataclass(TokenizerConfig, cfg.tokenizer), to_dataclass(FrameDataConfig, cfg.dataset),
-                 to_dataclass(LoopConfig, cfg.train), to_dataclass(TokenizerLossConfig, cfg.tokenizer_loss),
-                 to_dataclass(ExportConfig, cfg.export))
+    parts = Parts(to_dataclass(TokenizerConfig, cfg.tokenizer), to_dataclass(FrameDataConfig, cfg.dataset),
+                  to_dataclass(LoopConfig, cfg.train), to_dataclass(TokenizerLossConfig, cfg.tokenizer_loss),
+                  to_dataclass(ExportConfig, cfg.export))
+    if parts.loop.precision != "float32":
+        raise ValueError(f"train.precision={parts.loop.precision} is for stage=world_model and stage=dida; "
+                         "the tokenizer trains in float32 (drop the override)")
+    return parts
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], where: Path) -> list[str]:

@@ -191,7 +191,8 @@ def train_step(model: WorldModel, opt: torch.optim.Optimizer, data: MixtureDatas
     opt.zero_grad(set_to_none=True)
     sums = torch.zeros(2 * len(logged) + 1, dtype=torch.float64)  # [value sums | counts | tokens]
     for b in indices:
-        loss, logs = batch_loss(model, data, b)
+        with loop.autocast():
+            loss, logs = batch_loss(model, data, b)
         (loss / len(indices)).backward()  # this rank's mean; averaged over ranks: the mean of all per_step batches
         for i, key in enumerate(logged):
             if key in logs:

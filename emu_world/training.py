@@ -79,12 +79,20 @@ class LoopConfig:
     eval_every: int = 500
     save_every: int = 200
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this process
+    precision: str = "float32"  # float32 | bfloat16: autocast of the training forward passes
 
     def __post_init__(self) -> None:
+        if self.precision not in ("float32", "bfloat16"):
+            raise ValueError(f"train.precision must be float32 or bfloat16, got {self.precision!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"train.steps and train.batch_size must be positive, got {self.steps}, {self.batch_size}")
         if self.threads < 1:
             raise ValueError(f"train.threads must be >= 1, got {self.threads}")
+
+    def autocast(self, device_type: str = "cpu") -> torch.autocast:
+        """The training forward passes' context: bfloat16 autocast for ``precision=bfloat16`` (matmuls
+        and attention in bfloat16; weights, gradients, optimizer state and the loss stay float32)."""
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
 
     def stop_requested(self, step: int, start_step: int) -> bool:
         """``stop_after`` steps ran in this process before the end: checkpoint and return early."""

@@ -84,6 +84,20 @@ def test_tiny_training_lowers_the_loss_logs_heldout_metrics_and_exports(world, t
     assert not (out / "binners" / "explore_room.json").exists()  # commands, not binned actions
 
 
+def test_bfloat16_autocast_trains_close_to_float32(world, tmp_path):
+    """train.precision=bfloat16: the same run in autocast follows the float32 loss curve closely and
+    still learns; the export is the usual float32-built model (float16 file)."""
+    fp32 = losses(train(world, tmp_path / "fp32", "train.steps=12", "train.eval_every=0").history)
+    result = train(world, tmp_path / "bf16", "train.steps=12", "train.eval_every=0", "train.precision=bfloat16")
+    bf16 = losses(result.history)
+    assert bf16 != fp32  # autocast was on
+    np.testing.assert_allclose(bf16, fp32, rtol=0.03)
+    assert np.mean(bf16[-3:]) < 0.9 * np.mean(bf16[:3])
+    assert json.loads((result.export_dir / "config.json").read_text())["dtype"] == "float16"
+    with pytest.raises(ValueError, match="train.precision must be float32 or bfloat16"):
+        train(world, tmp_path / "x", "train.precision=fp8")
+
+
 def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     full = train(world, tmp_path / "full", "train.steps=6", "train.save_every=100")
     first = train(world, tmp_path / "cut", "train.steps=6", "train.save_every=100", "train.stop_after=3")
@@ -100,10 +114,11 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
 def test_two_gloo_ranks_agree_with_one_process(world, tmp_path):
     """torchrun --nproc_per_node=2 (gloo, CPU): 2 steps of 2 mixture batches, one per rank."""
     train(world, tmp_path / "warm", "train.steps=1")  # fills the token cache before the ranks start
-    single = train(world, tmp_path / "one", "train.steps=2", "train.eval_every=0")
+    exact = "world_model.export_dtype=float32"  # compare the weights before any rounding
+    single = train(world, tmp_path / "one", "train.steps=2", "train.eval_every=0", exact)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "emu_world.train", *overrides(world, tmp_path / "two", "train.steps=2", "train.eval_every=0",
-                                               "train.threads=2")]
+                                               "train.threads=2", exact)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
