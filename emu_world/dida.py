@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -235,6 +235,12 @@ class DidaBatch:
     @property
     def noisy_codes(self) -> int:
         return int((self.labels != IGNORE).sum())
+
+    def to(self, device: torch.device | str) -> "DidaBatch":
+        """The same batch with its tensors on ``device``."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
 
 
 def dida_attention_mask(doc_ids: torch.Tensor, starts: torch.Tensor, block_len: int,

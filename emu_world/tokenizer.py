@@ -497,7 +497,9 @@ def check_config_match(expected: TokenizerConfig, saved: TokenizerConfig, where:
         )
 
 
-def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Refuse ``state`` unless it has exactly the model's keys and shapes (global shapes for sharded
+    weights); returns the model's own state dict."""
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -507,6 +509,11 @@ def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], where: 
             f"weights in {where} do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatches {bad[:5]}); the checkpoint was written for another config"
         )
+    return own
+
+
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    own = check_state_fits(model, state, where)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 

@@ -52,12 +52,13 @@ from emu_world.dida import (
 from emu_world.layout import ActionBinner, SequenceLayout
 from emu_world.tokenizer import load_tokenizer
 from emu_world.train_world_model import (
-    Parts, check_export_dtype, check_run_dir, checkpoint_modules, export, parse_config, prepare_token_cache, step_batches,
+    Parts, check_export_dtype, check_run_dir, checkpoint_modules, export, parse_config, prepare_token_cache,
+    step_batches, unsharded,
 )
 from emu_world.train_world_model import train_step as world_model_train_step
 from emu_world.training import (
     DistInfo, LoopConfig, MetricLogger, TrainResult, cosine_lr, init_distributed,
-    load_checkpoint, save_checkpoint, set_lr, teardown_distributed,
+    load_checkpoint, place_model, save_checkpoint, set_lr, teardown_distributed,
 )
 from emu_world.world_model import WorldModel
 
@@ -162,7 +163,7 @@ def train_step(model: WorldModel, opt: torch.optim.Optimizer, data: MixtureDatas
     def batch_loss(model: WorldModel, data: MixtureDataset, b: int) -> tuple[torch.Tensor, dict[str, float]]:
         packed = data.batch(b).packed  # (R, L)
         batch = build_dida_batch(data.layout, packed, noise, stage.images_per_row, (stage.seed, TRAIN_KEY, b), hints)
-        return dida_loss(model, batch, stage.weight, data.layout)
+        return dida_loss(model, batch.to(model.device), stage.weight, data.layout)
 
     return world_model_train_step(model, opt, data, indices, loop, info, batch_loss, LOGGED)
 
@@ -180,7 +181,7 @@ def evaluate(model: WorldModel, heldout: MixtureDataset, num_batches: int, stage
     for b in range(num_batches):
         batch = heldout.batch(b)
         db = build_dida_batch(heldout.layout, batch.packed, noise, stage.images_per_row, (stage.seed, EVAL_KEY, b),
-                              hints)
+                              hints).to(model.device)
         logits = model.logits(db.tokens, position_ids=db.position_ids, attention_mask=db.attention_mask,
                               hints=db.hints)  # (R, T, V)
         metrics.update(logits[:, :db.clean_len], batch)
@@ -202,7 +203,7 @@ def run(cfg: DictConfig) -> TrainResult:
     init = read_init(cfg)
     cfg = stage_config(cfg, init, stage)
     parts = parse_config(cfg)
-    info = init_distributed(parts.loop.threads)
+    info = init_distributed(parts.loop.threads, parts.loop.device)
     try:
         return _run(cfg, parts, stage, init, info)
     finally:
@@ -238,27 +239,28 @@ def _run(cfg: DictConfig, parts: Parts, stage: DidaStageConfig, init: InitExport
     noise = NoisePath(stage.noise, layout.codebook_size, codebook)
 
     model = WorldModel.load(init.path, layout)  # checks the layout spec
+    sharded = place_model(model, list(model.decoder.model.layers), loop, info, ("logits",))  # FSDP2 shards
+    evaluating = info.is_main or sharded is not None  # sharded forwards need every rank
     opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay)
     log(f"dida: adapting {init.path} ({model.num_parameters():,} parameters), {stage.images_per_row} noisy "
         f"image(s) of {layout.image_span_len} tokens per row, {per_step} batches x {parts.data.rows} rows per step")
     step, train_seconds, before = 0, 0.0, {}
     if ckpt_path is not None:
-        loaded = load_checkpoint(ckpt_path, checkpoint_modules(model), {"model": opt})
+        loaded = load_checkpoint(ckpt_path, checkpoint_modules(model), {"model": opt}, sharded)
         step, train_seconds = loaded.step, float(loaded.state.get("train_seconds", 0.0))
         before = loaded.state.get("metrics_before", {})
         log(f"resumed from {ckpt_path} at step {step}")
     logger = MetricLogger(run_dir, info.is_main, truncate_after_step=step if ckpt_path is not None else None)
     if info.is_main and ckpt_path is None:
         logger.path.unlink(missing_ok=True)
-        if heldout is not None:  # "before": the AR export's held-out numbers, noisy copies included
-            before = evaluate(model, heldout, stage.eval_batches, stage, noise)
-            logger.log({"step": 0, "eval": before})
+    if evaluating and ckpt_path is None and heldout is not None:
+        before = evaluate(model, heldout, stage.eval_batches, stage, noise)  # the AR export, noisy copies included
+        logger.log({"step": 0, "eval": before})
 
     def save() -> None:
-        if info.is_main:
-            save_checkpoint(run_dir, checkpoint_modules(model), {"model": opt}, step,
-                            {"train_seconds": train_seconds, "tokenizer_id": tokenizer_id, "init": str(init.path),
-                             "metrics_before": before}, resolved)
+        save_checkpoint(run_dir, checkpoint_modules(model), {"model": opt}, step,
+                        {"train_seconds": train_seconds, "tokenizer_id": tokenizer_id, "init": str(init.path),
+                         "metrics_before": before}, resolved, sharded=sharded, write=info.is_main)
 
     history: list[dict[str, float]] = []
     start_step = step
@@ -278,7 +280,7 @@ def _run(cfg: DictConfig, parts: Parts, stage: DidaStageConfig, init: InitExport
             t_last = time.perf_counter()
             logger.log({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
         if heldout is not None and loop.eval_every > 0 and step % loop.eval_every == 0 and step < loop.steps \
-                and info.is_main:
+                and evaluating:
             logger.log({"step": step, "eval": evaluate(model, heldout, stage.eval_batches, stage, noise)})
         stopping = loop.stop_requested(step, start_step)
         if step % loop.save_every == 0 or step == loop.steps or stopping:
@@ -288,11 +290,13 @@ def _run(cfg: DictConfig, parts: Parts, stage: DidaStageConfig, init: InitExport
             return TrainResult("dida", run_dir, step, history, None, None, train_seconds)
 
     final = export_dir = None
-    if info.is_main:
+    if evaluating:
         final = evaluate(model, heldout, stage.eval_batches, stage, noise) if heldout is not None else {}
+    plain = unsharded(model, sharded, layout, info)
+    if info.is_main:
         logger.log({"step": step, "eval": final, "train_seconds": round(train_seconds, 1)})
         out = Path(stage.export_dir) if stage.export_dir else run_dir / "world_model"
-        export_dir = export(model, train_data, tokenizer, parts, resolved, final, train_seconds, info, out,
+        export_dir = export(plain, train_data, tokenizer, parts, resolved, final, train_seconds, info, out,
                             extra=manifest_extra(init, stage, before, train_seconds))
     return TrainResult("dida", run_dir, step, history, final, export_dir, train_seconds)
 

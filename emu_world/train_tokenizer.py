@@ -354,9 +354,11 @@ def parse_config(cfg: DictConfig) -> Parts:
     parts = Parts(to_dataclass(TokenizerConfig, cfg.tokenizer), to_dataclass(FrameDataConfig, cfg.dataset),
                   to_dataclass(LoopConfig, cfg.train), to_dataclass(TokenizerLossConfig, cfg.tokenizer_loss),
                   to_dataclass(ExportConfig, cfg.export))
-    if parts.loop.precision != "float32":
-        raise ValueError(f"train.precision={parts.loop.precision} is for stage=world_model and stage=dida; "
-                         "the tokenizer trains in float32 (drop the override)")
+    loop = parts.loop
+    if (loop.precision, loop.device, loop.parallel) != ("float32", "cpu", "ddp"):
+        raise ValueError(f"train.precision={loop.precision} train.device={loop.device} train.parallel={loop.parallel}: "
+                         "bfloat16, cuda and fsdp are for stage=world_model and stage=dida; the tokenizer trains "
+                         "in float32 on CPU, replicated over torchrun ranks (drop those overrides)")
     return parts
 
 

@@ -49,11 +49,11 @@ from emu_world.config import to_dataclass
 from emu_world.data.sequences import DataConfig, DatasetSpec, HeldoutMetrics, MixtureDataset
 from emu_world.data.tokenize import tokenize_dataset
 from emu_world.layout import LayoutConfig, SequenceLayout
-from emu_world.tokenizer import ImageTokenizer, load_tokenizer
+from emu_world.tokenizer import ImageTokenizer, load_state_checked, load_tokenizer
 from emu_world.training import (
-    DistInfo, FrameDataConfig, LoopConfig, MetricLogger, TrainResult, all_reduce_sum, average_gradients, checkpoint_to_resume, code_version,
-    command_line, cosine_lr, init_distributed, load_checkpoint, read_checkpoint_meta, resolve_roots, save_checkpoint,
-    set_lr, teardown_distributed,
+    DistInfo, FrameDataConfig, LoopConfig, MetricLogger, TrainResult, all_reduce_sum, average_gradients,
+    checkpoint_to_resume, code_version, command_line, cosine_lr, gather_states, init_distributed, load_checkpoint,
+    place_model, read_checkpoint_meta, resolve_roots, save_checkpoint, set_lr, teardown_distributed,
 )
 from emu_world.world_model import WorldModel, WorldModelConfig
 
@@ -172,9 +172,23 @@ def checkpoint_modules(model: WorldModel) -> dict[str, nn.Module]:
     return parts
 
 
+def unsharded(model: WorldModel, sharded: nn.Module | None, layout: SequenceLayout, info: DistInfo) -> WorldModel:
+    """The model with whole weights for exporting: itself, or under FSDP a CPU copy gathered from the
+    shards (a collective: every rank calls it; only rank 0's copy holds the weights)."""
+    if sharded is None:
+        return model
+    modules = checkpoint_modules(model)
+    states, _ = gather_states(sharded, modules, {})
+    plain = WorldModel(model.config, layout)
+    if info.is_main:
+        for name, module in checkpoint_modules(plain).items():
+            load_state_checked(module, states[name], f"the gathered {name} weights")
+    return plain
+
+
 def ar_batch_loss(model: WorldModel, data: MixtureDataset, b: int) -> tuple[torch.Tensor, dict[str, float]]:
     """The world-model stage's loss of mixture batch ``b``: the layout-weighted next-token CE."""
-    return model(**model.packed_inputs(data.batch(b).packed))  # packed (R, L)
+    return model(**model.packed_inputs(data.batch(b).packed, model.device))  # packed (R, L)
 
 
 BatchLoss = Callable[[WorldModel, MixtureDataset, int], tuple[torch.Tensor, dict[str, float]]]
@@ -199,7 +213,7 @@ def train_step(model: WorldModel, opt: torch.optim.Optimizer, data: MixtureDatas
                 sums[i] += logs[key]
                 sums[len(logged) + i] += 1
         sums[-1] += logs["tokens"]
-    average_gradients(model, info)
+    average_gradients(model, info, sharded=loop.parallel == "fsdp")
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip) if loop.grad_clip > 0 else None
     opt.step()
     sums = all_reduce_sum(sums, info)
@@ -217,7 +231,7 @@ def evaluate(model: WorldModel, heldout: MixtureDataset, num_batches: int) -> di
     metrics = HeldoutMetrics()
     for b in range(num_batches):
         batch = heldout.batch(b)
-        inputs = model.packed_inputs(batch.packed)
+        inputs = model.packed_inputs(batch.packed, model.device)
         metrics.update(model.logits(inputs["tokens"], inputs["doc_ids"], inputs["position_ids"]), batch)
     return {k: round(float(v), 5) for k, v in metrics.result().items()}
 
@@ -228,7 +242,7 @@ def evaluate(model: WorldModel, heldout: MixtureDataset, num_batches: int) -> di
 def run(cfg: DictConfig) -> TrainResult:
     """Train (or resume) the world model described by the composed ``configs/train.yaml``."""
     parts = parse_config(cfg)
-    info = init_distributed(parts.loop.threads)
+    info = init_distributed(parts.loop.threads, parts.loop.device)
     try:
         return _run(cfg, parts, info)
     finally:
@@ -277,12 +291,14 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
 
     torch.manual_seed(int(cfg.seed))  # the same initial weights on every rank
     model = WorldModel(parts.model, layout)
+    sharded = place_model(model, list(model.decoder.model.layers), loop, info, ("logits",))  # FSDP2 shards
+    evaluating = info.is_main or sharded is not None  # sharded forwards need every rank
     opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay)
     log(f"world model: {model.num_parameters():,} parameters, vocabulary {layout.vocab_size}, "
         f"{per_step} batches x {parts.data.rows} rows x {parts.data.max_len} tokens per step")
     step, train_seconds = 0, 0.0
     if ckpt_path is not None:
-        loaded = load_checkpoint(ckpt_path, checkpoint_modules(model), {"model": opt})
+        loaded = load_checkpoint(ckpt_path, checkpoint_modules(model), {"model": opt}, sharded)
         step, train_seconds = loaded.step, float(loaded.state.get("train_seconds", 0.0))
         log(f"resumed from {ckpt_path} at step {step}")
     logger = MetricLogger(run_dir, info.is_main, truncate_after_step=step if ckpt_path is not None else None)
@@ -290,9 +306,9 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
         logger.path.unlink(missing_ok=True)
 
     def save() -> None:
-        if info.is_main:
-            save_checkpoint(run_dir, checkpoint_modules(model), {"model": opt}, step,
-                            {"train_seconds": train_seconds, "tokenizer_id": tokenizer_id}, resolved)
+        save_checkpoint(run_dir, checkpoint_modules(model), {"model": opt}, step,
+                        {"train_seconds": train_seconds, "tokenizer_id": tokenizer_id}, resolved,
+                        sharded=sharded, write=info.is_main)
 
     history: list[dict[str, float]] = []
     start_step = step
@@ -312,7 +328,7 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
             t_last = time.perf_counter()
             logger.log({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
         if heldout is not None and loop.eval_every > 0 and step % loop.eval_every == 0 and step < loop.steps \
-                and info.is_main:
+                and evaluating:
             logger.log({"step": step, "eval": evaluate(model, heldout, parts.stage.eval_batches)})
         stopping = loop.stop_requested(step, start_step)
         if step % loop.save_every == 0 or step == loop.steps or stopping:
@@ -322,11 +338,13 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
             return TrainResult("world_model", run_dir, step, history, None, None, train_seconds)
 
     final = export_dir = None
-    if info.is_main:
+    if evaluating:
         final = evaluate(model, heldout, parts.stage.eval_batches) if heldout is not None else {}
+    plain = unsharded(model, sharded, layout, info)
+    if info.is_main:
         logger.log({"step": step, "eval": final, "train_seconds": round(train_seconds, 1)})
         out = Path(parts.stage.export_dir) if parts.stage.export_dir else run_dir / "world_model"
-        export_dir = export(model, train_data, tokenizer, parts, resolved, final, train_seconds, info, out)
+        export_dir = export(plain, train_data, tokenizer, parts, resolved, final, train_seconds, info, out)
     return TrainResult("world_model", run_dir, step, history, final, export_dir, train_seconds)
 
 

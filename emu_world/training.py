@@ -3,8 +3,13 @@
 Every stage (``emu_world.train_<stage>``) writes its own explicit loop from these parts:
 
 - :func:`init_distributed` / :func:`teardown_distributed`: single process, or ``torchrun``
-  (``RANK``/``WORLD_SIZE`` in the environment) with the gloo backend on CPU; each rank gets
+  (``RANK``/``WORLD_SIZE`` in the environment) with gloo on CPU or NCCL on GPUs
+  (``train.device=cuda``: one GPU per rank, ``LOCAL_RANK``); each rank gets
   ``threads // world_size`` torch threads (at least one).
+- :func:`place_model`: the model on the stage's device, and under ``train.parallel=fsdp`` sharded
+  over the ranks with FSDP2 (``fully_shard`` per block, then the root); checkpoints and exports
+  gather full state dicts (:func:`save_checkpoint` / :func:`load_checkpoint` take the sharded root),
+  so a checkpoint written under FSDP resumes without it and the other way round.
 - :func:`cosine_lr`: linear warm-up then cosine decay to ``min_lr_ratio * lr``.
 - :func:`save_checkpoint` / :func:`load_checkpoint`: a folder of safetensors (model weights,
   optimizer moments, RNG state) plus JSON (step, optimizer hyper-parameters, stage state,
@@ -80,8 +85,14 @@ class LoopConfig:
     save_every: int = 200
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this process
     precision: str = "float32"  # float32 | bfloat16: autocast of the training forward passes
+    device: str = "cpu"  # cpu | cuda (under torchrun: the GPU LOCAL_RANK, NCCL)
+    parallel: str = "ddp"  # ddp: replicated weights, averaged gradients | fsdp: FSDP2 sharded weights and state
 
     def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"train.device must be cpu or cuda, got {self.device!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"train.parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.precision not in ("float32", "bfloat16"):
             raise ValueError(f"train.precision must be float32 or bfloat16, got {self.precision!r}")
         if self.steps < 1 or self.batch_size < 1:
@@ -89,10 +100,10 @@ class LoopConfig:
         if self.threads < 1:
             raise ValueError(f"train.threads must be >= 1, got {self.threads}")
 
-    def autocast(self, device_type: str = "cpu") -> torch.autocast:
+    def autocast(self) -> torch.autocast:
         """The training forward passes' context: bfloat16 autocast for ``precision=bfloat16`` (matmuls
         and attention in bfloat16; weights, gradients, optimizer state and the loss stay float32)."""
-        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
+        return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
 
     def stop_requested(self, step: int, start_step: int) -> bool:
         """``stop_after`` steps ran in this process before the end: checkpoint and return early."""
@@ -122,6 +133,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -132,13 +144,26 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(threads: int = 2) -> DistInfo:
-    """Join the ``torchrun`` process group (gloo, CPU) if launched by it; set torch threads."""
+def init_distributed(threads: int = 2, device: str = "cpu") -> DistInfo:
+    """Join the ``torchrun`` process group if launched by it (gloo on CPU; NCCL with ``device="cuda"``,
+    each rank on the GPU ``LOCAL_RANK``); set torch threads."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but this torch sees no GPU (torch.cuda.is_available() is False); "
+                               "use train.device=cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"torchrun rank {rank} wants GPU {local_rank} but {torch.cuda.device_count()} are "
+                               "visible; lower --nproc_per_node")
+        torch.cuda.set_device(local_rank)
+        where = torch.device("cuda", local_rank)
+    else:
+        where = torch.device("cpu")
+    info = DistInfo(rank, world, local_rank, where)
     torch.set_num_threads(max(1, int(threads) // world))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
     return info
 
 
@@ -167,10 +192,33 @@ def broadcast_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def average_gradients(model: torch.nn.Module, info: DistInfo) -> None:
+def place_model(model: torch.nn.Module, blocks: list[torch.nn.Module], loop: LoopConfig, info: DistInfo,
+                methods: tuple[str, ...] = ()) -> torch.nn.Module | None:
+    """Move ``model`` to the rank's device; under ``train.parallel=fsdp`` with several ranks shard it with
+    FSDP2: each of ``blocks`` (e.g. the transformer layers) is its own all-gather unit, the root holds
+    the rest (embeddings, tied head, norms); ``methods`` are entry points besides ``forward`` that
+    gather the root's weights too (e.g. ``logits``). Returns the sharded root (pass it to the checkpoint
+    and export helpers), or None when the weights are replicated (gradients: :func:`average_gradients`)."""
+    model.to(info.device)
+    if loop.parallel != "fsdp" or not info.enabled:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for method in methods:
+        register_fsdp_forward_method(model, method)
+    return model
+
+
+def average_gradients(model: torch.nn.Module, info: DistInfo, sharded: bool = False) -> None:
     """Average gradients over ranks (one flat all-reduce): plain data parallelism without DDP hooks,
-    which keeps the training step identical in one process and under torchrun."""
-    if not info.enabled:
+    which keeps the training step identical in one process and under torchrun. ``sharded``: FSDP
+    already reduce-scattered (averaged) them in the backward pass; nothing to do."""
+    if not info.enabled or sharded:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
@@ -216,23 +264,22 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer's state dict into safetensors-ready tensors and JSON metadata."""
-    sd = optimizer.state_dict()
+def optimizer_tensors(sd: dict[str, Any], prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict (``torch.optim`` form) into safetensors-ready tensors and JSON metadata."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, state in sd["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}.{pid}.{key}"] = value.detach().clone().contiguous()
+                tensors[f"{prefix}.{pid}.{key}"] = value.detach().cpu().clone().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[key] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                           meta: dict[str, Any], prefix: str) -> None:
+def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The ``torch.optim`` state dict :func:`optimizer_tensors` split (inverse)."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if not name.startswith(prefix + "."):
@@ -242,23 +289,102 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     for pid, extra in meta.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(extra)
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
+
+
+_FULL = None  # StateDictOptions(full_state_dict=True, cpu_offload=True), built on first use
+
+
+def _full_options():
+    global _FULL
+    if _FULL is None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return _FULL
+
+
+def _prefix(root: torch.nn.Module, module: torch.nn.Module) -> str:
+    name = next(n for n, m in root.named_modules() if m is module)
+    return name + "." if name else ""
+
+
+def _param_fqns(root: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimizer's parameters in its numbering (``torch.optim`` state dict order); a
+    shared parameter (a tied head) goes by its first name, as in the distributed state dict API."""
+    names = {id(p): n for n, p in root.named_parameters()}
+    return [names[id(p)] for group in opt.param_groups for p in group["params"]]
+
+
+def gather_states(root: torch.nn.Module, models: dict[str, torch.nn.Module],
+                  optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Full (unsharded, CPU) state dicts of the FSDP-sharded ``root``'s submodules ``models`` and of
+    ``optimizers`` in ``torch.optim`` form (parameter numbers, as an unsharded optimizer writes them).
+    A collective: every rank calls it; rank 0 receives the tensors."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    full = get_model_state_dict(root, options=_full_options())
+    model_states = {}
+    for name, module in models.items():
+        prefix = _prefix(root, module)
+        model_states[name] = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+    optim_states = {}
+    for name, opt in optimizers.items():
+        osd = get_optimizer_state_dict(root, opt, options=_full_options())
+        if not osd:  # cpu_offload gathers to rank 0 only
+            optim_states[name] = {}
+            continue
+        number = {fqn: i for i, fqn in enumerate(_param_fqns(root, opt))}
+        optim_states[name] = {
+            "state": {number[fqn]: st for fqn, st in osd["state"].items()},
+            "param_groups": [{**g, "params": [number[p] for p in g["params"]]} for g in osd["param_groups"]],
+        }
+    return model_states, optim_states
+
+
+def scatter_states(root: torch.nn.Module, models: dict[str, torch.nn.Module], model_states: dict[str, dict],
+                   optimizers: dict[str, torch.optim.Optimizer], optim_states: dict[str, dict]) -> None:
+    """Load full state dicts (as :func:`gather_states` returns them; every rank holds them) into the
+    FSDP-sharded ``root``: each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    full = {_prefix(root, module) + k: v for name, module in models.items() for k, v in model_states[name].items()}
+    set_model_state_dict(root, full, options=_full_options())
+    for name, opt in optimizers.items():
+        fqns = _param_fqns(root, opt)
+        plain = optim_states[name]
+        set_optimizer_state_dict(root, opt, {
+            "state": {fqns[int(i)]: st for i, st in plain["state"].items()},
+            "param_groups": [{**g, "params": [fqns[int(i)] for i in g["params"]]} for g in plain["param_groups"]],
+        }, options=_full_options())
 
 
 def save_checkpoint(run_dir: Path, models: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                     step: int, state: dict[str, Any], config: dict[str, Any],
-                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                    extra_tensors: dict[str, torch.Tensor] | None = None, sharded: torch.nn.Module | None = None,
+                    write: bool = True) -> Path | None:
     """Write ``run_dir/checkpoint/`` atomically: ``<name>.safetensors`` per model, ``optim.safetensors``
-    (optimizer moments, RNG state, ``extra_tensors``) and ``state.json``."""
+    (optimizer moments, RNG state, ``extra_tensors``) and ``state.json``.
+
+    ``sharded``: the FSDP root holding ``models`` (:func:`place_model`); every rank must call then (the
+    full states are gathered) and only the one with ``write`` writes. The files are the same as an
+    unsharded run's."""
+    if sharded is not None:
+        model_states, optim_states = gather_states(sharded, models, optimizers)
+    else:
+        model_states = {name: model.state_dict() for name, model in models.items()} if write else {}
+        optim_states = {name: opt.state_dict() for name, opt in optimizers.items()} if write else {}
+    if not write:
+        return None
     final = Path(run_dir) / CHECKPOINT_DIR
     tmp = Path(run_dir) / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    for name, model in models.items():
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+    for name, sd in model_states.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     optim_meta: dict[str, Any] = {}
-    for name, opt in optimizers.items():
-        t, m = optimizer_tensors(opt, f"optim.{name}")
+    for name, sd in optim_states.items():
+        t, m = optimizer_tensors(sd, f"optim.{name}")
         tensors.update(t)
         optim_meta[name] = m
     for k, v in (extra_tensors or {}).items():
@@ -332,25 +458,36 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / "state.json").read_text())
 
 
-def load_checkpoint(path: Path, models: dict[str, torch.nn.Module],
-                    optimizers: dict[str, torch.optim.Optimizer]) -> LoadedCheckpoint:
-    """Restore models, optimizers and the torch RNG from a folder written by :func:`save_checkpoint`."""
-    from emu_world.tokenizer import load_state_checked
+def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                    sharded: torch.nn.Module | None = None) -> LoadedCheckpoint:
+    """Restore models, optimizers and the torch RNG from a folder written by :func:`save_checkpoint`.
+    ``sharded``: the FSDP root holding ``models``; every rank reads the files and keeps its shards."""
+    from emu_world.tokenizer import check_state_fits, load_state_checked
 
     path = Path(path)
     meta = read_checkpoint_meta(path)
+    model_states = {}
     for name, model in models.items():
         file = path / f"{name}.safetensors"
         if not file.is_file():
             raise ValueError(f"checkpoint {path} has no {file.name}; it was written by a run with other models "
                              f"({meta.get('models')}). Start a fresh run_dir.")
-        load_state_checked(model, load_file(str(file)), str(file))
+        model_states[name] = load_file(str(file))
+        if sharded is None:
+            load_state_checked(model, model_states[name], str(file))
+        else:
+            check_state_fits(model, model_states[name], str(file))
     tensors = load_file(str(path / "optim.safetensors"))
+    optim_states = {}
     for name, opt in optimizers.items():
         if name not in meta["optimizers"]:
             raise ValueError(f"checkpoint {path} has no optimizer {name!r} (has {sorted(meta['optimizers'])}); "
                              "it was written with other training settings. Start a fresh run_dir.")
-        load_optimizer_tensors(opt, tensors, meta["optimizers"][name], f"optim.{name}")
+        optim_states[name] = optimizer_state(tensors, meta["optimizers"][name], f"optim.{name}")
+        if sharded is None:
+            opt.load_state_dict(optim_states[name])
+    if sharded is not None:
+        scatter_states(sharded, models, model_states, optimizers, optim_states)
     torch.set_rng_state(tensors["rng.torch"])
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return LoadedCheckpoint(path, int(meta["step"]), meta["state"], meta["config"], extra)

@@ -242,6 +242,11 @@ class WorldModel(nn.Module):
     def vocab_size(self) -> int:
         return int(self.config.vocab_size)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (for FSDP-sharded weights: this rank's shard)."""
+        return self.decoder.get_input_embeddings().weight.device
+
     def num_parameters(self) -> int:
         """Unique parameters (a tied head counts once)."""
         return sum(p.numel() for p in self.parameters())
@@ -371,7 +376,8 @@ class WorldModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": asdict(self.config),
                 "layout_spec": self.layout_spec, "dtype": str(dtype).removeprefix("torch.")}
-        stored = self if dtype == torch.float32 else copy.deepcopy(self).to(dtype)
+        on_cpu = self.device.type == "cpu"
+        stored = self if dtype == torch.float32 and on_cpu else copy.deepcopy(self).to("cpu", dtype)
         save_model(stored, str(directory / WEIGHTS_FILE))  # handles the tied head
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
         return directory

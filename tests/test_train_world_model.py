@@ -131,6 +131,38 @@ def test_two_gloo_ranks_agree_with_one_process(world, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
 
 
+def torchrun(world, run_dir: Path, *extra: str) -> list[float]:
+    """``torchrun --nproc_per_node=2 -m emu_world.train`` (gloo, CPU); the losses it logged."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "emu_world.train", *overrides(world, run_dir, "train.threads=2", *extra)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r and "eval" not in r]
+
+
+def test_fsdp_ranks_agree_with_one_process_and_share_checkpoints(world, tmp_path):
+    """train.parallel=fsdp under torchrun (FSDP2 on gloo): the same losses and weights as one process, and
+    its checkpoints hold full states: an FSDP run resumes a single-process checkpoint and the other way round."""
+    train(world, tmp_path / "warm", "train.steps=1")  # fills the token cache before the ranks start
+    common = ("train.steps=3", "train.eval_every=0", "train.save_every=100", "world_model.export_dtype=float32")
+    single = losses(train(world, tmp_path / "one", *common).history)
+    # FSDP for steps 1-2 (checkpoint), then one process resumes for step 3
+    fsdp = torchrun(world, tmp_path / "a", *common, "train.parallel=fsdp", "train.stop_after=2")
+    rest = losses(train(world, tmp_path / "a", *common, "resume=true").history)
+    np.testing.assert_allclose(fsdp + rest, single, rtol=1e-5, atol=1e-6)
+    # one process for step 1 (checkpoint), then FSDP resumes for steps 2-3 and exports
+    first = losses(train(world, tmp_path / "b", *common, "train.stop_after=1").history)
+    fsdp = torchrun(world, tmp_path / "b", *common, "train.parallel=fsdp", "resume=true")
+    np.testing.assert_allclose(first + fsdp[-2:], single, rtol=1e-5, atol=1e-6)
+    a = load_file(str(tmp_path / "one" / "world_model" / "model.safetensors"))
+    for run in ("a", "b"):
+        b = load_file(str(tmp_path / run / "world_model" / "model.safetensors"))
+        assert set(b) == set(a)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
 def test_bad_settings_fail_with_the_fix(world, tmp_path):
     with pytest.raises(ValueError, match="python -m emu_world.data.tokenize"):  # an empty cache, not filled
         train(world, tmp_path / "a", "world_model.tokenize=false", f"data.token_cache={tmp_path / 'empty'}")
@@ -142,3 +174,8 @@ def test_bad_settings_fail_with_the_fix(world, tmp_path):
         train(world, tmp_path / "d", "world_model.eval_batches=0")
     with pytest.raises(FileNotFoundError, match="resume=true"):
         train(world, tmp_path / "e", "resume=true")
+    with pytest.raises(ValueError, match="train.parallel must be ddp or fsdp"):
+        train(world, tmp_path / "f", "train.parallel=zero3")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="use train.device=cpu"):
+            train(world, tmp_path / "g", "train.device=cuda")
