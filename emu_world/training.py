@@ -173,23 +173,30 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def _collective(t: torch.Tensor, info: DistInfo, op) -> torch.Tensor:
+    """Run ``op`` on ``t`` in place on the backend's device (NCCL needs GPU tensors; gloo takes CPU ones)."""
+    if not info.enabled:
+        return t
+    x = t.to(info.device)
+    op(x)
+    if x is not t:
+        t.copy_(x)
+    return t
+
+
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    _collective(t, info, lambda x: dist.all_reduce(x, op=dist.ReduceOp.SUM))
     if info.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= info.world_size
     return t
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    return _collective(t, info, lambda x: dist.all_reduce(x, op=dist.ReduceOp.SUM))
 
 
 def broadcast_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        dist.broadcast(t, src=0)
-    return t
+    return _collective(t, info, lambda x: dist.broadcast(x, src=0))
 
 
 def place_model(model: torch.nn.Module, blocks: list[torch.nn.Module], loop: LoopConfig, info: DistInfo,

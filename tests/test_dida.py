@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -396,6 +399,26 @@ def test_resume_reproduces_the_uninterrupted_adaptation(world, tmp_path):
     a = load_file(str(tmp_path / "full" / "world_model" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "world_model" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_adaptation_agrees_with_one_process(world, tmp_path):
+    """train.parallel=fsdp under torchrun (FSDP2, 2 gloo ranks; logits() registered as an FSDP entry point):
+    the same DiDA losses and exported weights as one process."""
+    common = ("train.steps=2", "train.eval_every=0", "train.save_every=100", "dida.export_dtype=float32")
+    single = [h["loss"] for h in adapt(world, tmp_path / "one", *common).history]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "emu_world.train",
+           "stage=dida", "experiment=tiny_dida", f"init={world['init']}", f"dataset.root={world['data']}",
+           f"data.token_cache={world['cache']}", f"run_dir={tmp_path / 'two'}", "train.threads=2", *common,
+           "train.parallel=fsdp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["loss"] for r in records if "loss" in r and "eval" not in r], single, rtol=1e-5)
+    a = load_file(str(tmp_path / "one" / "world_model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "world_model" / "model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
 
 
 def test_benchmarks_run_on_the_adapted_export(world, tmp_path):

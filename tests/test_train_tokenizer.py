@@ -105,6 +105,8 @@ def test_bad_data_settings_name_the_fix(dataset, tmp_path):
         run_stage(train_cfg(dataset, tmp_path / "r3", "dataset.eval_episodes=3"))
     with pytest.raises(ValueError, match="unknown stage"):
         run_stage(train_cfg(dataset, tmp_path / "r4", "stage=nope"))
+    with pytest.raises(ValueError, match="the tokenizer trains in float32 on CPU"):
+        run_stage(train_cfg(dataset, tmp_path / "r5", "train.parallel=fsdp"))
 
 
 def test_fast_frame_reader_matches_the_dataset_loader(dataset):
