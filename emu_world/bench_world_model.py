@@ -37,7 +37,8 @@ task, the first rollout's context frame and predicted frames above the same cont
 frames. :mod:`emu_world.bench_dida` reuses the recording, rollouts and metrics to compare decoders.
 
 JSON keys. The headline keys (``psnr_<h>``, ``ssim_<h>``, ``token_acc_<h>``, ``copy_last_psnr_<h>``,
-``copy_last_ssim_<h>``, ``ceiling_psnr``) are those of ``headline_task`` (aloha_fold by default, the
+``copy_last_ssim_<h>``, ``copy_last_token_acc_<h>`` (the codes that did not change: what copying
+scores on ``token_acc``), ``ceiling_psnr``) are those of ``headline_task`` (aloha_fold by default, the
 issue's target: 1-step PSNR >= copy-last + 3 dB, still above copy-last at 16 steps), or of the first
 measured task when it is not measured (``headline_task`` in the JSON says which). ``mean_psnr_<h>``
 and ``mean_copy_last_psnr_<h>`` average over tasks; ``per_task`` holds every task's table.
@@ -288,7 +289,8 @@ def score_rollouts(predict: FramePredictor | Generator, tokenizer, ex: Export, s
     and the rollouts themselves (for pictures)."""
     horizons = sorted({int(h) for h in cfg.horizons})
     H, C = max(horizons), int(cfg.context_frames)
-    acc = {h: {k: [] for k in ("psnr", "ssim", "token_acc", "copy_psnr", "copy_ssim", "ceiling_psnr")}
+    acc = {h: {k: [] for k in ("psnr", "ssim", "token_acc", "copy_psnr", "copy_ssim", "copy_token_acc",
+                               "ceiling_psnr")}
            for h in horizons}
     seconds, generated, rollouts = 0.0, 0, []
     for i, e in enumerate(encoded):
@@ -307,6 +309,7 @@ def score_rollouts(predict: FramePredictor | Generator, tokenizer, ex: Export, s
                 acc[h]["token_acc"].append(float((pred[h - 1] == e.codes[j + h]).mean()))
                 acc[h]["copy_psnr"].append(cp[0])
                 acc[h]["copy_ssim"].append(cs[0])
+                acc[h]["copy_token_acc"].append(float((e.codes[j] == e.codes[j + h]).mean()))  # codes that stayed
                 acc[h]["ceiling_psnr"].append(frame_scores(e.recon[j + h][None], true)[0][0])
     if not generated:
         raise ValueError(f"{spec.task}: no episode is long enough for {C} context frame(s) and {H} frames ahead "
@@ -438,7 +441,8 @@ def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
         "headline_task": head,
         **{f"{key}_{h}": rows[str(h)][src] for h in horizons
            for key, src in (("psnr", "psnr"), ("ssim", "ssim"), ("token_acc", "token_acc"),
-                            ("copy_last_psnr", "copy_psnr"), ("copy_last_ssim", "copy_ssim"))},
+                            ("copy_last_psnr", "copy_psnr"), ("copy_last_ssim", "copy_ssim"),
+                            ("copy_last_token_acc", "copy_token_acc"))},
         "ceiling_psnr": round(float(np.mean([rows[str(h)]["ceiling_psnr"] for h in horizons])), 4),
         **{f"mean_{key}_{h}": round(float(np.mean([t["horizons"][str(h)][src] for t in per_task.values()])), 4)
            for h in horizons for key, src in (("psnr", "psnr"), ("copy_last_psnr", "copy_psnr"))},
@@ -470,12 +474,13 @@ def frame_decoding_config(cfg: DictConfig, manifest: dict[str, Any], vision: Sam
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    lines = ["| task | h | PSNR dB | copy-last dB | ceiling dB | SSIM | copy-last SSIM | token acc | rollouts |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | h | PSNR dB | copy-last dB | ceiling dB | SSIM | copy-last SSIM | token acc | copy-last token acc "
+             "| rollouts |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in summary["per_task"].items():
         for h, r in t["horizons"].items():
             lines.append(f"| {name} | {h} | {r['psnr']:.2f} | {r['copy_psnr']:.2f} | {r['ceiling_psnr']:.2f} | "
-                         f"{r['ssim']:.4f} | {r['copy_ssim']:.4f} | {r['token_acc']:.3f} | {t['rollouts']} |")
+                         f"{r['ssim']:.4f} | {r['copy_ssim']:.4f} | {r['token_acc']:.3f} | {r['copy_token_acc']:.3f} | "
+                         f"{t['rollouts']} |")
     lines.append(f"headline keys (psnr_<h>, copy_last_psnr_<h>, ceiling_psnr): {summary['headline_task']}; "
                  f"mean_* average over tasks. Decoding {summary['frame_decoding']}, {summary['decoding']}, "
                  f"{summary['context_frames']} context "

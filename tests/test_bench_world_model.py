@@ -72,8 +72,9 @@ def test_bench_runs_and_reports_the_keys(export, tmp_path):
                     f"output={tmp_path / 'bench.json'}")
     summary = run_benchmark("world_model", cfg)
     for key in ("psnr_1", "psnr_2", "copy_last_psnr_1", "copy_last_psnr_2", "ceiling_psnr", "token_acc_1",
-                "sec_per_frame", "train_tokens_per_second", "peak_rss_mb", "mean_psnr_1"):
+                "sec_per_frame", "train_tokens_per_second", "peak_rss_mb", "mean_psnr_1", "copy_last_token_acc_1"):
         assert np.isfinite(summary[key]), key
+    assert 0 <= summary["copy_last_token_acc_1"] <= 1
     assert summary["headline_task"] == "widowx_pick_place"  # aloha_fold is not in this export
     assert list(summary["per_task"]) == ["widowx_pick_place"]
     assert summary["per_task"]["widowx_pick_place"]["rollouts"] == 2
@@ -97,6 +98,8 @@ def test_copy_last_psnr_and_deterministic_greedy_rollouts(export):
     assert rows["2"]["copy_psnr"] == pytest.approx(10 * math.log10(255**2 / 400), abs=1e-3)
     assert result["rollouts"] == 1 and len(samples) == 1
     codes = tok.encode(frames).numpy()
+    for h in (1, 2):  # copying the context frame's codes scores the codes that stayed
+        assert rows[str(h)]["copy_token_acc"] == pytest.approx(float((codes[0] == codes[h]).mean()), abs=1e-4)
     conds = interval_conditions(ex.layout, spec, ep)
     first, _ = rollout(gen, ex.layout, spec, ep, codes, conds, 0, 1, 2, seed=0)
     again, _ = rollout(gen, ex.layout, spec, ep, codes, conds, 0, 1, 2, seed=5)
