@@ -341,9 +341,10 @@ def rollout_strip(encoded: list[EncodedEpisode], r: Rollout) -> list[tuple[str, 
 
 
 def training_throughput(model: WorldModel, layout: SequenceLayout, samples: list[Sample], max_len: int,
-                        rows: int, steps: int) -> dict[str, float]:
+                        rows: int, steps: int, precision: str = "float32") -> dict[str, float]:
     """Tokens/s of forward+backward+AdamW on a copy of ``model`` over ``rows`` packed rows of ``max_len``
-    (one untimed warm-up step first)."""
+    (one untimed warm-up step first), forward passes in ``precision`` (float32 | bfloat16 autocast, as
+    ``train.precision``)."""
     packed = layout.pack(samples, max_len)
     while packed.tokens.shape[0] < rows:  # too few samples to fill the rows: repeat them
         samples = samples + samples
@@ -355,7 +356,8 @@ def training_throughput(model: WorldModel, layout: SequenceLayout, samples: list
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss, _ = train_model(**inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            loss, _ = train_model(**inputs)
         loss.backward()
         opt.step()
 
@@ -368,7 +370,7 @@ def training_throughput(model: WorldModel, layout: SequenceLayout, samples: list
     state_bytes = sum(p.numel() * p.element_size() for p in train_model.parameters()) * 4  # weights, grads, 2 moments
     return {"train_tokens_per_second": round(tokens * steps / seconds, 1),
             "train_sec_per_step": round(seconds / steps, 3),
-            "train_rows": rows, "train_max_len": max_len, "train_tokens_per_step": tokens,
+            "train_rows": rows, "train_max_len": max_len, "train_tokens_per_step": tokens, "train_precision": precision,
             "train_state_mb": round(state_bytes / 2**20, 2)}
 
 
@@ -432,8 +434,9 @@ def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
         print(f"{name}: recorded {per_task[name]['frames']} frames in {t1 - t0:.1f}s, "
               f"{per_task[name]['rollouts']} rollouts in {time.perf_counter() - t1:.1f}s", file=sys.stderr, flush=True)
     data_cfg = ex.manifest["config"]["data"]
+    precision = cfg.throughput.get("precision") or ex.manifest["config"].get("train", {}).get("precision", "float32")
     speed = training_throughput(ex.model, ex.layout, samples, int(data_cfg["max_len"]), int(data_cfg["rows"]),
-                                int(cfg.throughput.steps)) if int(cfg.throughput.steps) > 0 else {}
+                                int(cfg.throughput.steps), str(precision)) if int(cfg.throughput.steps) > 0 else {}
     head = str(cfg.headline_task) if str(cfg.headline_task) in per_task else names[0]
     rows = per_task[head]["horizons"]
     summary: dict[str, Any] = {
@@ -488,6 +491,7 @@ def print_table(summary: dict[str, Any]) -> None:
                  f"peak RSS {summary['peak_rss_mb']:.0f} MB.")
     if "train_tokens_per_second" in summary:
         lines.append(f"training: {summary['train_tokens_per_second']:.0f} tokens/s ({summary['train_rows']} rows x "
-                     f"{summary['train_max_len']}, {summary['train_sec_per_step']:.2f} s/step), train state "
+                     f"{summary['train_max_len']}, {summary['train_precision']}, "
+                     f"{summary['train_sec_per_step']:.2f} s/step), train state "
                      f"(weights, gradients, AdamW moments) {summary['train_state_mb']:.1f} MB")
     print("\n".join(lines), flush=True)

@@ -75,6 +75,7 @@ def test_bench_runs_and_reports_the_keys(export, tmp_path):
                 "sec_per_frame", "train_tokens_per_second", "peak_rss_mb", "mean_psnr_1", "copy_last_token_acc_1"):
         assert np.isfinite(summary[key]), key
     assert 0 <= summary["copy_last_token_acc_1"] <= 1
+    assert summary["train_precision"] == "float32"  # the export's train.precision (absent: float32)
     assert summary["headline_task"] == "widowx_pick_place"  # aloha_fold is not in this export
     assert list(summary["per_task"]) == ["widowx_pick_place"]
     assert summary["per_task"]["widowx_pick_place"]["rollouts"] == 2
