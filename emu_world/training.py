@@ -22,6 +22,7 @@ Every stage (``emu_world.train_<stage>``) writes its own explicit loop from thes
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -299,16 +300,12 @@ def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], pref
     return {"state": state, "param_groups": groups}
 
 
-_FULL = None  # StateDictOptions(full_state_dict=True, cpu_offload=True), built on first use
-
-
+@functools.cache
 def _full_options():
-    global _FULL
-    if _FULL is None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
+    """Whole (unsharded) tensors, gathered to rank 0's CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return _FULL
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def _prefix(root: torch.nn.Module, module: torch.nn.Module) -> str:
