@@ -68,6 +68,7 @@ from emu_world.dida import (
 from emu_world.generate import Generator, Sampling
 from emu_world.image_metrics import psnr_per_frame, ssim_per_frame
 from emu_world.layout import ActionBinner, LayoutConfig, Sample, SequenceLayout
+from emu_world.training import autocast
 from emu_world.world_model import WorldModel
 
 TRAIN_COMMAND = ("python -m emu_world.train stage=world_model dataset.root=datasets "
@@ -356,7 +357,7 @@ def training_throughput(model: WorldModel, layout: SequenceLayout, samples: list
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        with autocast(precision):
             loss, _ = train_model(**inputs)
         loss.backward()
         opt.step()

@@ -52,13 +52,13 @@ from emu_world.dida import (
 from emu_world.layout import ActionBinner, SequenceLayout
 from emu_world.tokenizer import load_tokenizer
 from emu_world.train_world_model import (
-    Parts, check_export_dtype, check_run_dir, checkpoint_modules, export, parse_config, prepare_token_cache,
+    Parts, check_run_dir, checkpoint_modules, export, parse_config, place_world_model, prepare_token_cache,
     step_batches, unsharded,
 )
 from emu_world.train_world_model import train_step as world_model_train_step
 from emu_world.training import (
     DistInfo, LoopConfig, MetricLogger, TrainResult, cosine_lr, init_distributed,
-    load_checkpoint, place_model, save_checkpoint, set_lr, teardown_distributed,
+    check_export_dtype, load_checkpoint, save_checkpoint, set_lr, teardown_distributed,
 )
 from emu_world.world_model import WorldModel
 
@@ -239,7 +239,7 @@ def _run(cfg: DictConfig, parts: Parts, stage: DidaStageConfig, init: InitExport
     noise = NoisePath(stage.noise, layout.codebook_size, codebook)
 
     model = WorldModel.load(init.path, layout)  # checks the layout spec
-    sharded = place_model(model, list(model.decoder.model.layers), loop, info, ("logits",))  # FSDP2 shards
+    sharded = place_world_model(model, loop, info)  # device; FSDP2 shards
     evaluating = info.is_main or sharded is not None  # sharded forwards need every rank
     opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay)
     log(f"dida: adapting {init.path} ({model.num_parameters():,} parameters), {stage.images_per_row} noisy "

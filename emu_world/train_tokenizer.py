@@ -39,7 +39,7 @@ from emu_world.image_metrics import code_usage, psnr
 from emu_world.tokenizer import TokenizerConfig, VisionTokenizer, check_config_match, frames_to_tensor
 from emu_world.training import (
     DistInfo, FrameDataConfig, LoopConfig, MetricLogger, TrainResult, all_reduce_mean, all_reduce_sum, average_gradients, batch_indices,
-    broadcast_, checkpoint_to_resume, code_version, command_line, cosine_lr, init_distributed, load_checkpoint,
+    broadcast_, check_export_dtype, checkpoint_to_resume, code_version, command_line, cosine_lr, init_distributed, load_checkpoint,
     read_checkpoint_meta, resolve_roots, save_checkpoint, set_lr, teardown_distributed,
 )
 
@@ -72,8 +72,7 @@ class ExportConfig:
     dtype: str = "float16"
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float16", "float32", "bfloat16"):
-            raise ValueError(f"export.dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
+        check_export_dtype(self.dtype, "export.dtype")
 
 
 # ----------------------------------------------------------------------------- data

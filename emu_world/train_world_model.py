@@ -52,7 +52,8 @@ from emu_world.layout import LayoutConfig, SequenceLayout
 from emu_world.tokenizer import ImageTokenizer, load_state_checked, load_tokenizer
 from emu_world.training import (
     DistInfo, FrameDataConfig, LoopConfig, MetricLogger, TrainResult, all_reduce_sum, average_gradients,
-    checkpoint_to_resume, code_version, command_line, cosine_lr, gather_states, init_distributed, load_checkpoint,
+    check_export_dtype, checkpoint_to_resume, code_version, command_line, cosine_lr, gather_states, init_distributed,
+    load_checkpoint,
     place_model, read_checkpoint_meta, resolve_roots, save_checkpoint, set_lr, teardown_distributed,
 )
 from emu_world.world_model import WorldModel, WorldModelConfig
@@ -61,14 +62,6 @@ LOGGED = ("loss", "ce/vision", "ce/text", "ce/action", "ce/structure")  # averag
 RESUME_IGNORED = {"resume", "overwrite", "train.stop_after", "train.log_every", "train.eval_every",
                   "train.save_every", "world_model.export_dir", "dida.export_dir",
                   "world_model.export_dtype", "dida.export_dtype"}
-
-
-EXPORT_DTYPES = ("float16", "bfloat16", "float32")
-
-
-def check_export_dtype(dtype: str, key: str) -> None:
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"{key} must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
 
 
 @dataclass
@@ -170,6 +163,12 @@ def checkpoint_modules(model: WorldModel) -> dict[str, nn.Module]:
     if model.hint_embed is not None:  # previous-frame hints (model.frame_hints) are trained weights too
         parts["hint_embed"] = model.hint_embed
     return parts
+
+
+def place_world_model(model: WorldModel, loop: LoopConfig, info: DistInfo) -> nn.Module | None:
+    """:func:`~emu_world.training.place_model` for a world model: one FSDP unit per decoder layer;
+    ``logits`` (evaluation, the DiDA loss) gathers the root's weights like ``forward``."""
+    return place_model(model, list(model.decoder.model.layers), loop, info, ("logits",))
 
 
 def unsharded(model: WorldModel, sharded: nn.Module | None, layout: SequenceLayout, info: DistInfo) -> WorldModel:
@@ -291,7 +290,7 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
 
     torch.manual_seed(int(cfg.seed))  # the same initial weights on every rank
     model = WorldModel(parts.model, layout)
-    sharded = place_model(model, list(model.decoder.model.layers), loop, info, ("logits",))  # FSDP2 shards
+    sharded = place_world_model(model, loop, info)  # device; FSDP2 shards
     evaluating = info.is_main or sharded is not None  # sharded forwards need every rank
     opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay)
     log(f"world model: {model.num_parameters():,} parameters, vocabulary {layout.vocab_size}, "

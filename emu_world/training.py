@@ -102,9 +102,8 @@ class LoopConfig:
             raise ValueError(f"train.threads must be >= 1, got {self.threads}")
 
     def autocast(self) -> torch.autocast:
-        """The training forward passes' context: bfloat16 autocast for ``precision=bfloat16`` (matmuls
-        and attention in bfloat16; weights, gradients, optimizer state and the loss stay float32)."""
-        return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
+        """The training forward passes' context (:func:`autocast` in ``precision`` on ``device``)."""
+        return autocast(self.precision, self.device)
 
     def stop_requested(self, step: int, start_step: int) -> bool:
         """``stop_after`` steps ran in this process before the end: checkpoint and return early."""
@@ -127,6 +126,21 @@ def resolve_roots(roots: list[Path]) -> list[Path]:
         out.extend(found)
     return out
 
+
+
+EXPORT_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def check_export_dtype(dtype: str, key: str) -> None:
+    """Exports store weights in one of :data:`EXPORT_DTYPES` (``key``: the setting, for the message)."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"{key} must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+
+
+def autocast(precision: str, device: str = "cpu") -> torch.autocast:
+    """Forward passes in ``precision``: bfloat16 autocast (matmuls and attention in bfloat16; weights,
+    gradients, optimizer state and the loss stay float32), or plain float32."""
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
 @dataclass
