@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,7 +49,8 @@ from omegaconf import DictConfig, OmegaConf
 from emu_world.config import to_dataclass
 from emu_world.data.sequences import DataConfig, DatasetSpec, HeldoutMetrics, MixtureDataset
 from emu_world.data.tokenize import tokenize_dataset
-from emu_world.layout import LayoutConfig, SequenceLayout
+from emu_world.dida import NoiseConfig, NoisePath, seeded_generator
+from emu_world.layout import LayoutConfig, Packed, SequenceLayout
 from emu_world.tokenizer import ImageTokenizer, load_state_checked, load_tokenizer
 from emu_world.training import (
     DistInfo, FrameDataConfig, LoopConfig, MetricLogger, TrainResult, all_reduce_sum, average_gradients,
@@ -56,7 +58,7 @@ from emu_world.training import (
     load_checkpoint,
     place_model, read_checkpoint_meta, resolve_roots, save_checkpoint, set_lr, teardown_distributed,
 )
-from emu_world.world_model import WorldModel, WorldModelConfig
+from emu_world.world_model import WorldModel, WorldModelConfig, next_token_loss
 
 LOGGED = ("loss", "ce/vision", "ce/text", "ce/action", "ce/structure")  # averaged over micro-batches and ranks
 RESUME_IGNORED = {"resume", "overwrite", "train.stop_after", "train.log_every", "train.eval_every",
@@ -73,9 +75,13 @@ class WorldModelStageConfig:
     eval_batches: int = 8  # held-out mixture batches per evaluation (the same ones every time)
     export_dir: str | None = None  # None: <run_dir>/world_model
     export_dtype: str = "float16"  # weights of the export (training and its checkpoints stay float32)
+    input_noise: float = 0.0  # max fraction of an image's code inputs replaced by random codes (targets clean)
 
     def __post_init__(self) -> None:
         check_export_dtype(self.export_dtype, "world_model.export_dtype")
+        if not 0.0 <= float(self.input_noise) < 1.0:
+            raise ValueError(f"world_model.input_noise must be in [0, 1) (the largest fraction of an image's codes "
+                             f"replaced in the model's input), got {self.input_noise}")
         if not str(self.tokenizer).strip():
             raise ValueError("world_model.tokenizer is empty; give the tokenizer folder (e.g. checkpoints/tokenizer)")
         if self.eval_batches < 1:
@@ -185,9 +191,43 @@ def unsharded(model: WorldModel, sharded: nn.Module | None, layout: SequenceLayo
     return plain
 
 
-def ar_batch_loss(model: WorldModel, data: MixtureDataset, b: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """The world-model stage's loss of mixture batch ``b``: the layout-weighted next-token CE."""
-    return model(**model.packed_inputs(data.batch(b).packed, model.device))  # packed (R, L)
+def corrupt_image_inputs(layout: SequenceLayout, packed: Packed, max_rate: float,
+                         gen: torch.Generator) -> torch.Tensor:
+    """(R, L) tokens of ``packed`` whose images' codes are partly replaced: image i draws a rate
+    ``r_i ~ U(0, max_rate)`` and each of its codes becomes, with probability ``r_i``, a uniformly random
+    code (the DiDA uniform path at ``t = 1 - r_i``); EOLs and every other token stay."""
+    tokens = torch.as_tensor(packed.tokens).clone()  # (R, L)
+    spans = torch.as_tensor(packed.image_spans)  # (F, 3) row, start, end
+    if max_rate <= 0 or len(spans) == 0:
+        return tokens
+    keep = torch.ones(tokens.shape)  # (R, L) time t of each position: 1 = clean
+    for (row, a, b), rate in zip(spans.tolist(), (torch.rand(len(spans), generator=gen) * max_rate).tolist()):
+        keep[row, a:b] = 1.0 - rate
+    start = layout.vision.start
+    noisy = (tokens >= start) & (tokens < layout.vision.stop) & (keep < 1.0)
+    path = NoisePath(NoiseConfig("uniform", "linear"), layout.codebook_size)
+    tokens[noisy] = path.sample(tokens[noisy] - start, keep[noisy], gen) + start
+    return tokens
+
+
+def ar_batch_loss(model: WorldModel, data: MixtureDataset, b: int,
+                  input_noise: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """The world-model stage's loss of mixture batch ``b``: the layout-weighted next-token CE.
+
+    ``input_noise > 0`` (``world_model.input_noise``): the model reads the batch with its images'
+    codes corrupted (:func:`corrupt_image_inputs`, seeded by ``(data.seed, b)`` so a resumed run
+    sees the same noise; previous-frame hints come from the corrupted images too) and predicts the
+    clean tokens. Token-by-token generation reads its own imperfect codes, earlier in the frame and
+    in the frames before; a model trained only on clean inputs lets those errors spread
+    (exposure bias; GameNGen's noise augmentation of context frames is the continuous analogue)."""
+    packed = data.batch(b).packed
+    inputs = model.packed_inputs(packed, model.device)  # packed (R, L)
+    if input_noise <= 0:
+        return model(**inputs)
+    gen = seeded_generator(data.config.seed, b)
+    noisy = corrupt_image_inputs(data.layout, packed, input_noise, gen).to(model.device)
+    logits = model.logits(noisy, inputs["doc_ids"], inputs["position_ids"])  # hints from the noisy images
+    return next_token_loss(logits, inputs["tokens"], inputs["weights"], inputs["roles"])
 
 
 BatchLoss = Callable[[WorldModel, MixtureDataset, int], tuple[torch.Tensor, dict[str, float]]]
@@ -309,6 +349,7 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
                         {"train_seconds": train_seconds, "tokenizer_id": tokenizer_id}, resolved,
                         sharded=sharded, write=info.is_main)
 
+    batch_loss = partial(ar_batch_loss, input_noise=float(parts.stage.input_noise))
     history: list[dict[str, float]] = []
     start_step = step
     t_last = time.perf_counter()
@@ -316,7 +357,7 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
         t0 = time.perf_counter()
         lr = cosine_lr(step, loop.steps, loop.lr, loop.warmup_steps, loop.min_lr_ratio)
         set_lr(opt, lr)
-        logs = train_step(model, opt, train_data, step_batches(step, per_step, info), loop, info)
+        logs = train_step(model, opt, train_data, step_batches(step, per_step, info), loop, info, batch_loss)
         step += 1
         train_seconds += time.perf_counter() - t0
         record = {"step": step, "lr": lr, **logs}

@@ -18,10 +18,13 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
-from emu_world.layout import ActionBinner
+from emu_world.dida import seeded_generator
+from emu_world.layout import ActionBinner, LayoutConfig, SequenceLayout
+from emu_world.text_tokenizer import load_text_tokenizer
 from emu_world.record import record
 from emu_world.tokenizer import TokenizerConfig, VisionTokenizer
 from emu_world.train import run_stage
+from emu_world.train_world_model import corrupt_image_inputs
 from emu_world.training import find_checkpoint
 
 torch.set_num_threads(1)  # tiny tensors; the machine is shared
@@ -109,6 +112,43 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     a = load_file(str(tmp_path / "full" / "world_model" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "world_model" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_input_noise_corrupts_only_image_codes_at_the_drawn_rates():
+    layout = SequenceLayout(LayoutConfig(action_bins=16, actions_per_frame=2, pad_vocab_to=1), load_text_tokenizer(),
+                            64, (4, 4))
+    rng = np.random.default_rng(0)
+    samples = [layout.dynamics("fold the cloth", rng.integers(0, 64, (6, 4, 4)), rng.integers(0, 16, (12, 3)))
+               for _ in range(3)]
+    packed = layout.pack(samples, max_len=sum(len(s) for s in samples))
+    clean = torch.as_tensor(packed.tokens)
+    noisy = corrupt_image_inputs(layout, packed, 0.5, seeded_generator(0, 7))
+    assert torch.equal(noisy, corrupt_image_inputs(layout, packed, 0.5, seeded_generator(0, 7)))  # a pure function
+    assert not torch.equal(noisy, corrupt_image_inputs(layout, packed, 0.5, seeded_generator(0, 8)))
+    changed = noisy != clean
+    in_image = torch.zeros_like(changed)
+    for row, a, b in packed.image_spans.tolist():
+        in_image[row, a:b] = True
+    is_code = (clean >= layout.vision.start) & (clean < layout.vision.stop)
+    assert changed.any() and not (changed & ~(in_image & is_code)).any()  # EOLs, text, actions untouched
+    assert ((noisy[changed] >= layout.vision.start) & (noisy[changed] < layout.vision.stop)).all()
+    rate = float(changed.sum()) / float(is_code.sum())
+    assert 0.1 < rate < 0.5 * 0.5 + 0.05  # E = max/2 x (1 - 1/K) of the codes
+    assert torch.equal(corrupt_image_inputs(layout, packed, 0.0, seeded_generator(0, 7)), clean)
+
+
+def test_input_noise_trains_and_resumes_exactly(world, tmp_path):
+    """world_model.input_noise: the model reads corrupted image codes (a pure function of the batch
+    index) and predicts the clean tokens; an interrupted run resumes onto the same loss curve."""
+    noise = ("train.steps=6", "train.save_every=100", "train.eval_every=0", "world_model.input_noise=0.3")
+    clean = train(world, tmp_path / "clean", *noise[:-1])
+    full = train(world, tmp_path / "full", *noise)
+    assert losses(full.history)[0] > losses(clean.history)[0]  # same weights, same batch: noisy inputs cost
+    first = train(world, tmp_path / "cut", *noise, "train.stop_after=3")
+    rest = train(world, tmp_path / "cut", *noise, "resume=true")
+    assert losses(first.history) + losses(rest.history) == losses(full.history)
+    with pytest.raises(ValueError, match=r"world_model.input_noise must be in \[0, 1\)"):
+        train(world, tmp_path / "bad", "world_model.input_noise=1.5")
 
 
 def test_two_gloo_ranks_agree_with_one_process(world, tmp_path):
