@@ -25,7 +25,11 @@ predicted ones after), up to ``max(horizons)`` frames ahead.
 
 Metrics at each horizon ``h``: PSNR / SSIM of the decoded prediction of frame ``j+h`` against the
 simulator's frame, and token accuracy (the fraction of its codes equal to the tokenizer's codes of
-the true frame). Two references on the same frames: ``copy_last`` (the true frame ``j``, the last
+the true frame), also split into the codes that stayed the same since frame ``j`` (``static``) and
+those that changed (``changed``). Diagnostic of the 1-step prediction (``teacher_forced_1``): the
+same split of the model's argmax codes of frame ``j+1`` when every position reads the true codes
+before it (one forward pass, as in training); the gap to the generated frame's accuracy is what
+the model's own errors cost once they feed the rest of the frame. Two references on the same frames: ``copy_last`` (the true frame ``j``, the last
 one observed, raw pixels, against frame ``j+h``) and the ``ceiling`` (the tokenizer's own
 reconstruction of frame ``j+h``: what a perfect code prediction would score). Plus seconds per
 generated frame, and training throughput: ``throughput.steps`` forward+backward+AdamW steps (after
@@ -38,7 +42,8 @@ frames. :mod:`emu_world.bench_dida` reuses the recording, rollouts and metrics t
 
 JSON keys. The headline keys (``psnr_<h>``, ``ssim_<h>``, ``token_acc_<h>``, ``copy_last_psnr_<h>``,
 ``copy_last_ssim_<h>``, ``copy_last_token_acc_<h>`` (the codes that did not change: what copying
-scores on ``token_acc``), ``ceiling_psnr``) are those of ``headline_task`` (aloha_fold by default, the
+scores on ``token_acc``), ``static_token_acc_<h>``, ``changed_token_acc_<h>``,
+``teacher_forced_{token,static_token,changed_token}_acc_1``, ``ceiling_psnr``) are those of ``headline_task`` (aloha_fold by default, the
 issue's target: 1-step PSNR >= copy-last + 3 dB, still above copy-last at 16 steps), or of the first
 measured task when it is not measured (``headline_task`` in the JSON says which). ``mean_psnr_<h>``
 and ``mean_copy_last_psnr_<h>`` average over tasks; ``per_task`` holds every task's table.
@@ -291,8 +296,9 @@ def score_rollouts(predict: FramePredictor | Generator, tokenizer, ex: Export, s
     horizons = sorted({int(h) for h in cfg.horizons})
     H, C = max(horizons), int(cfg.context_frames)
     acc = {h: {k: [] for k in ("psnr", "ssim", "token_acc", "copy_psnr", "copy_ssim", "copy_token_acc",
-                               "ceiling_psnr")}
+                               "ceiling_psnr", "static_token_acc", "changed_token_acc")}
            for h in horizons}
+    forced = {k: [] for k in ("token_acc", "static_token_acc", "changed_token_acc")}
     seconds, generated, rollouts = 0.0, 0, []
     for i, e in enumerate(encoded):
         ep = e.episode
@@ -307,18 +313,48 @@ def score_rollouts(predict: FramePredictor | Generator, tokenizer, ex: Export, s
                 cp, cs = frame_scores(ep.frames[j][None], true)
                 acc[h]["psnr"].append(p[0])
                 acc[h]["ssim"].append(s[0])
-                acc[h]["token_acc"].append(float((pred[h - 1] == e.codes[j + h]).mean()))
                 acc[h]["copy_psnr"].append(cp[0])
                 acc[h]["copy_ssim"].append(cs[0])
                 acc[h]["copy_token_acc"].append(float((e.codes[j] == e.codes[j + h]).mean()))  # codes that stayed
                 acc[h]["ceiling_psnr"].append(frame_scores(e.recon[j + h][None], true)[0][0])
+                split_accuracy(acc[h], pred[h - 1], e.codes[j + h], e.codes[j])
+            split_accuracy(forced, teacher_forced_codes(ex, spec, e, j, C), e.codes[j + 1], e.codes[j])
     if not generated:
         raise ValueError(f"{spec.task}: no episode is long enough for {C} context frame(s) and {H} frames ahead "
                          f"(every {spec.stride} env steps); lower horizons or context_frames")
-    rows = {str(h): {k: round(float(np.mean(v)), 4) for k, v in acc[h].items()} for h in horizons}
+    def means(values: dict[str, list[float]]) -> dict[str, float | None]:
+        return {k: round(float(np.mean(v)), 4) if v else None for k, v in values.items()}
+
+    rows = {str(h): means(acc[h]) for h in horizons}
     return {"rollouts": len(acc[H]["psnr"]), "frames": int(sum(len(e.episode.frames) for e in encoded)),
             "stride": spec.stride, "camera": spec.camera, "sec_per_frame": round(seconds / generated, 4),
-            "horizons": rows}, rollouts
+            "horizons": rows, "teacher_forced_1": means(forced)}, rollouts
+
+
+def split_accuracy(acc: dict[str, list[float]], pred: np.ndarray, true: np.ndarray, last: np.ndarray) -> None:
+    """Append the token accuracy of ``pred`` (h, w) against ``true``, overall and split into the codes
+    that stayed the same since the last observed frame ``last`` and those that changed (a split with
+    no code in this frame adds nothing)."""
+    hit, static = pred == true, last == true
+    acc["token_acc"].append(float(hit.mean()))
+    if static.any():
+        acc["static_token_acc"].append(float(hit[static].mean()))
+    if (~static).any():
+        acc["changed_token_acc"].append(float(hit[~static].mean()))
+
+
+@torch.no_grad()
+def teacher_forced_codes(ex: Export, spec: TaskSpec, e: EncodedEpisode, j: int, context: int) -> np.ndarray:
+    """(h, w) the model's argmax codes of frame j+1 read with the true codes of frame j+1 before each
+    position (one forward pass, as in training): what it knows when its own errors do not feed it."""
+    sample = build_sample(ex.layout, spec, e.episode.text, e.codes[j - context + 1:j + 2],
+                          e.conds[j - context + 1:j + 1], end=False)
+    a, b = sample.image_spans[-1]  # the codes of frame j+1, EOLs included
+    logits = ex.model.logits(torch.as_tensor(sample.tokens)[None])[0]  # (N, V)
+    vision = ex.layout.vision
+    positions = np.arange(a, b)[(sample.tokens[a:b] >= vision.start) & (sample.tokens[a:b] < vision.stop)]
+    best = logits[torch.as_tensor(positions) - 1, vision.start:vision.stop].argmax(-1)  # position p from p - 1
+    return best.numpy().reshape(e.codes.shape[1:])
 
 
 def measure_task(predict: FramePredictor | Generator, tokenizer, ex: Export, spec: TaskSpec, episodes: list[Episode],
@@ -446,7 +482,9 @@ def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
         **{f"{key}_{h}": rows[str(h)][src] for h in horizons
            for key, src in (("psnr", "psnr"), ("ssim", "ssim"), ("token_acc", "token_acc"),
                             ("copy_last_psnr", "copy_psnr"), ("copy_last_ssim", "copy_ssim"),
-                            ("copy_last_token_acc", "copy_token_acc"))},
+                            ("copy_last_token_acc", "copy_token_acc"), ("static_token_acc", "static_token_acc"),
+                            ("changed_token_acc", "changed_token_acc"))},
+        **{f"teacher_forced_{key}_1": value for key, value in per_task[head]["teacher_forced_1"].items()},
         "ceiling_psnr": round(float(np.mean([rows[str(h)]["ceiling_psnr"] for h in horizons])), 4),
         **{f"mean_{key}_{h}": round(float(np.mean([t["horizons"][str(h)][src] for t in per_task.values()])), 4)
            for h in horizons for key, src in (("psnr", "psnr"), ("copy_last_psnr", "copy_psnr"))},

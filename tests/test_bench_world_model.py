@@ -17,7 +17,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from emu_world.bench import run_benchmark
-from emu_world.bench_world_model import Episode, interval_conditions, load_export, measure_task, rollout
+from emu_world.bench_world_model import (
+    EncodedEpisode, Episode, interval_conditions, load_export, measure_task, rollout, teacher_forced_codes,
+)
 from emu_world.config import CONFIG_DIR, to_dataclass
 from emu_world.generate import GenerationConfig, Generator, Sampling
 from emu_world.layout import ActionBinner, LayoutConfig, SequenceLayout
@@ -72,7 +74,8 @@ def test_bench_runs_and_reports_the_keys(export, tmp_path):
                     f"output={tmp_path / 'bench.json'}")
     summary = run_benchmark("world_model", cfg)
     for key in ("psnr_1", "psnr_2", "copy_last_psnr_1", "copy_last_psnr_2", "ceiling_psnr", "token_acc_1",
-                "sec_per_frame", "train_tokens_per_second", "peak_rss_mb", "mean_psnr_1", "copy_last_token_acc_1"):
+                "sec_per_frame", "train_tokens_per_second", "peak_rss_mb", "mean_psnr_1", "copy_last_token_acc_1",
+                "teacher_forced_token_acc_1"):
         assert np.isfinite(summary[key]), key
     assert 0 <= summary["copy_last_token_acc_1"] <= 1
     assert summary["train_precision"] == "float32"  # the export's train.precision (absent: float32)
@@ -106,6 +109,17 @@ def test_copy_last_psnr_and_deterministic_greedy_rollouts(export):
     again, _ = rollout(gen, ex.layout, spec, ep, codes, conds, 0, 1, 2, seed=5)
     assert first.shape == (2, *tok.grid)
     np.testing.assert_array_equal(first, again)  # greedy: the seed does not matter
+    for h in (1, 2):  # the split of the generated frame's accuracy: codes that stayed / changed since frame 0
+        static, hit = codes[0] == codes[h], first[h - 1] == codes[h]
+        r = rows[str(h)]
+        assert r["token_acc"] == pytest.approx(float(hit.mean()), abs=1e-4)
+        assert r["static_token_acc"] == (pytest.approx(float(hit[static].mean()), abs=1e-4) if static.any() else None)
+        assert r["changed_token_acc"] == (pytest.approx(float(hit[~static].mean()), abs=1e-4)
+                                          if (~static).any() else None)
+    # teacher forcing reads the true codes; its first code sees the same prefix as the generated one
+    forced = teacher_forced_codes(ex, spec, EncodedEpisode(ep, codes, tok.decode(codes).numpy(), conds), 0, 1)
+    assert forced.shape == tuple(tok.grid) and forced.flat[0] == first[0].flat[0]
+    assert result["teacher_forced_1"]["token_acc"] == pytest.approx(float((forced == codes[1]).mean()), abs=1e-4)
 
 
 def test_missing_export_and_other_tokenizer_are_refused(export, tmp_path):
