@@ -302,13 +302,14 @@ class IBQuantizer(nn.Module):
         logits = self.logit_scale * (zf @ codebook.T)  # (N, K)
         soft = logits.softmax(dim=-1)  # (N, K)
         codes = logits.argmax(dim=-1)  # (N,)
-        hard = F.one_hot(codes, K).to(soft.dtype)  # (N, K)
-        index = hard - soft.detach() + soft  # value: one-hot; gradient: through the softmax (IBQ)
-        zq = index @ codebook  # (N, D): value codebook[codes]; every code gets gradient
+        # IBQ: zq = (one_hot - sg(soft) + soft) @ codebook has the value codebook[codes] and sends the
+        # gradient through the softmax to every code. Written without the (N, K) one-hot and index
+        # tensors (same values and gradients; the lookup carries the codebook's direct gradient):
+        via_soft = soft @ codebook.detach()  # (N, D)
+        zq = codebook[codes] + (via_soft - via_soft.detach())  # (N, D)
         commit = F.mse_loss(zf, zq.detach())
         quant = F.mse_loss(zq, zf.detach())
-        log_soft = logits.log_softmax(dim=-1)
-        per_token_entropy = -(soft * log_soft).sum(-1).mean()
+        per_token_entropy = (torch.logsumexp(logits, dim=-1) - (soft * logits).sum(-1)).mean()  # -sum p log p
         mean_prob = soft.mean(0)  # (K,)
         batch_entropy = -(mean_prob * torch.log(mean_prob + 1e-10)).sum()
         counts = torch.bincount(codes, minlength=K).to(torch.float32)

@@ -99,6 +99,38 @@ def test_ibq_gradients_reach_unused_codes(tiny):
     assert (q.codebook.grad.norm(dim=1)[unused] == 0).all()
 
 
+def test_quantizer_matches_the_one_hot_index_formulation(tiny):
+    """The quantiser's values and gradients (encoder and codebook) equal IBQ written out with the
+    (N, K) one-hot: zq = (one_hot - sg(softmax) + softmax) @ codebook, entropy -sum p log p."""
+    q = tiny.quantizer
+    z0 = torch.nn.functional.normalize(torch.randn(2, tiny.config.code_dim, 4, 4), dim=1)
+    target = torch.randn(2, tiny.config.code_dim, 4, 4)
+
+    def grads(fn):
+        q.codebook.grad = None
+        z = z0.clone().requires_grad_()
+        zq, entropy = fn(z)
+        (((zq - target) ** 2).mean() + entropy).backward()
+        return zq.detach(), entropy.detach(), z.grad, q.codebook.grad.clone()
+
+    def reference(z):
+        zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        cb = q.normalized_codebook()
+        logits = q.logit_scale * zf @ cb.T
+        soft = logits.softmax(-1)
+        index = torch.nn.functional.one_hot(logits.argmax(-1), cb.shape[0]).float() - soft.detach() + soft
+        p = soft.mean(0)
+        entropy = -(soft * logits.log_softmax(-1)).sum(-1).mean() + (p * torch.log(p + 1e-10)).sum()
+        return (index @ cb).view(2, 4, 4, -1).permute(0, 3, 1, 2), entropy
+
+    def ours(z):
+        out = q(z)
+        return out.z_q, out.entropy_loss
+
+    for a, b in zip(grads(ours), grads(reference)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_quantizer_terms_are_finite_and_counts_sum(tiny):
     z = torch.nn.functional.normalize(torch.randn(3, tiny.config.code_dim, 4, 4), dim=1)
     out = tiny.quantizer(z)
