@@ -76,12 +76,16 @@ class WorldModelStageConfig:
     export_dir: str | None = None  # None: <run_dir>/world_model
     export_dtype: str = "float16"  # weights of the export (training and its checkpoints stay float32)
     input_noise: float = 0.0  # max fraction of an image's code inputs replaced by random codes (targets clean)
+    changed_weight: float = 1.0  # loss-weight factor of the codes that differ from the previous image's
 
     def __post_init__(self) -> None:
         check_export_dtype(self.export_dtype, "world_model.export_dtype")
         if not 0.0 <= float(self.input_noise) < 1.0:
             raise ValueError(f"world_model.input_noise must be in [0, 1) (the largest fraction of an image's codes "
                              f"replaced in the model's input), got {self.input_noise}")
+        if not 0.0 < float(self.changed_weight) < float("inf"):
+            raise ValueError(f"world_model.changed_weight must be a finite factor > 0 (1: no reweighting), "
+                             f"got {self.changed_weight}")
         if not str(self.tokenizer).strip():
             raise ValueError("world_model.tokenizer is empty; give the tokenizer folder (e.g. checkpoints/tokenizer)")
         if self.eval_batches < 1:
@@ -210,8 +214,19 @@ def corrupt_image_inputs(layout: SequenceLayout, packed: Packed, max_rate: float
     return tokens
 
 
-def ar_batch_loss(model: WorldModel, data: MixtureDataset, b: int,
-                  input_noise: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+def changed_code_weights(layout: SequenceLayout, tokens: torch.Tensor, doc_ids: torch.Tensor,
+                         weights: torch.Tensor, factor: float) -> torch.Tensor:
+    """(R, L) loss weights with those of the vision codes that differ from the previous image's code at
+    the same cell (what moved; :meth:`SequenceLayout.frame_hints`) multiplied by ``factor``."""
+    hints = layout.frame_hints(tokens, doc_ids)[:, :-1]  # (R, L-1): hint of the target at i + 1
+    moved = (hints >= 0) & (tokens[:, 1:] - layout.vision.start != hints)  # (R, L-1)
+    out = weights.clone()
+    out[:, 1:] = torch.where(moved, weights[:, 1:] * factor, weights[:, 1:])
+    return out
+
+
+def ar_batch_loss(model: WorldModel, data: MixtureDataset, b: int, input_noise: float = 0.0,
+                  changed_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The world-model stage's loss of mixture batch ``b``: the layout-weighted next-token CE.
 
     ``input_noise > 0`` (``world_model.input_noise``): the model reads the batch with its images'
@@ -219,15 +234,22 @@ def ar_batch_loss(model: WorldModel, data: MixtureDataset, b: int,
     sees the same noise; previous-frame hints come from the corrupted images too) and predicts the
     clean tokens. Token-by-token generation reads its own imperfect codes, earlier in the frame and
     in the frames before; a model trained only on clean inputs lets those errors spread
-    (exposure bias; GameNGen's noise augmentation of context frames is the continuous analogue)."""
+    (exposure bias; GameNGen's noise augmentation of context frames is the continuous analogue).
+    ``changed_weight`` (``world_model.changed_weight``): the loss weight of the codes that moved
+    since the previous image is multiplied by it (:func:`changed_code_weights`)."""
     packed = data.batch(b).packed
     inputs = model.packed_inputs(packed, model.device)  # packed (R, L)
-    if input_noise <= 0:
+    if input_noise <= 0 and changed_weight == 1.0:
         return model(**inputs)
-    gen = seeded_generator(data.config.seed, b)
-    noisy = corrupt_image_inputs(data.layout, packed, input_noise, gen).to(model.device)
-    logits = model.logits(noisy, inputs["doc_ids"], inputs["position_ids"])  # hints from the noisy images
-    return next_token_loss(logits, inputs["tokens"], inputs["weights"], inputs["roles"])
+    tokens, doc_ids = inputs["tokens"], inputs["doc_ids"]
+    weights = inputs["weights"] if changed_weight == 1.0 else \
+        changed_code_weights(data.layout, tokens, doc_ids, inputs["weights"], changed_weight)
+    if input_noise > 0:
+        noisy = corrupt_image_inputs(data.layout, packed, input_noise, seeded_generator(data.config.seed, b))
+        logits = model.logits(noisy.to(model.device), doc_ids, inputs["position_ids"])  # hints from noisy images
+    else:
+        logits = model.logits(tokens, doc_ids, inputs["position_ids"])
+    return next_token_loss(logits, tokens, weights, inputs["roles"])
 
 
 BatchLoss = Callable[[WorldModel, MixtureDataset, int], tuple[torch.Tensor, dict[str, float]]]
@@ -349,7 +371,8 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
                         {"train_seconds": train_seconds, "tokenizer_id": tokenizer_id}, resolved,
                         sharded=sharded, write=info.is_main)
 
-    batch_loss = partial(ar_batch_loss, input_noise=float(parts.stage.input_noise))
+    batch_loss = partial(ar_batch_loss, input_noise=float(parts.stage.input_noise),
+                         changed_weight=float(parts.stage.changed_weight))
     history: list[dict[str, float]] = []
     start_step = step
     t_last = time.perf_counter()

@@ -24,7 +24,7 @@ from emu_world.text_tokenizer import load_text_tokenizer
 from emu_world.record import record
 from emu_world.tokenizer import TokenizerConfig, VisionTokenizer
 from emu_world.train import run_stage
-from emu_world.train_world_model import corrupt_image_inputs
+from emu_world.train_world_model import changed_code_weights, corrupt_image_inputs
 from emu_world.training import find_checkpoint
 
 torch.set_num_threads(1)  # tiny tensors; the machine is shared
@@ -137,6 +137,26 @@ def test_input_noise_corrupts_only_image_codes_at_the_drawn_rates():
     assert torch.equal(corrupt_image_inputs(layout, packed, 0.0, seeded_generator(0, 7)), clean)
 
 
+def test_changed_weight_scales_exactly_the_codes_that_moved():
+    layout = SequenceLayout(LayoutConfig(action_bins=16, actions_per_frame=2, pad_vocab_to=1), load_text_tokenizer(),
+                            64, (4, 4))
+    rng = np.random.default_rng(0)
+    frames = np.repeat(rng.integers(0, 64, (1, 4, 4)), 3, axis=0)  # (3, 4, 4): a static scene ...
+    frames[1, 0, :3] = (frames[0, 0, :3] + 1) % 64  # ... where 3 cells change, then 2 of them again
+    frames[2] = frames[1]
+    frames[2, 0, :2] = (frames[1, 0, :2] + 5) % 64
+    packed = layout.pack([layout.dynamics("fold the cloth", frames, rng.integers(0, 16, (4, 3)))], max_len=200)
+    tokens, doc_ids = torch.as_tensor(packed.tokens), torch.as_tensor(packed.doc_ids)
+    weights = torch.as_tensor(packed.weights)
+    out = changed_code_weights(layout, tokens, doc_ids, weights, 3.0)
+    scaled = out != weights
+    assert int(scaled.sum()) == 3 + 2  # the first image has no previous one: nothing of it moved
+    assert torch.equal(out[scaled], 3.0 * weights[scaled]) and (weights[scaled] == 0.5).all()  # vision weight
+    (a1, b1), (a2, b2) = packed.image_spans[1:, 1:].tolist()
+    assert int(scaled[0, a1:b1].sum()) == 3 and int(scaled[0, a2:b2].sum()) == 2
+    assert torch.equal(changed_code_weights(layout, tokens, doc_ids, weights, 1.0), weights)
+
+
 def test_input_noise_trains_and_resumes_exactly(world, tmp_path):
     """world_model.input_noise: the model reads corrupted image codes (a pure function of the batch
     index) and predicts the clean tokens; an interrupted run resumes onto the same loss curve."""
@@ -149,6 +169,10 @@ def test_input_noise_trains_and_resumes_exactly(world, tmp_path):
     assert losses(first.history) + losses(rest.history) == losses(full.history)
     with pytest.raises(ValueError, match=r"world_model.input_noise must be in \[0, 1\)"):
         train(world, tmp_path / "bad", "world_model.input_noise=1.5")
+    with pytest.raises(ValueError, match="world_model.changed_weight must be a finite factor > 0"):
+        train(world, tmp_path / "bad", "world_model.changed_weight=0")
+    weighted = train(world, tmp_path / "weighted", *noise[:-1], "world_model.changed_weight=4")
+    assert losses(weighted.history)[0] != losses(clean.history)[0]  # reweighted from the first batch
 
 
 def test_two_gloo_ranks_agree_with_one_process(world, tmp_path):
