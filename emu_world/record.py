@@ -40,7 +40,7 @@ def dir_size_mb(root: Path) -> float:
 
 def record(env_cfg: EnvConfig, agent_cfg: AgentConfig, root: Path, repo_id: str, episodes: int, seed: int,
            max_attempts: int | None = None, keep_failures: bool = False, mode: str = "create",
-           vcodec: str = "h264", crf: int = 18, pix_fmt: str = "yuv444p", progress: bool = True) -> dict:
+           vcodec: str = "h264", crf: int = 0, pix_fmt: str = "yuv444p", progress: bool = True) -> dict:
     if episodes <= 0:
         raise ValueError(f"episodes must be positive, got {episodes}")
     max_attempts = max_attempts or 2 * episodes

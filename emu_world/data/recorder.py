@@ -88,7 +88,7 @@ class DatasetRecorder:
 
     def __init__(self, root: str | Path, repo_id: str, fps: float, features: dict[str, dict],
                  robot_type: str | None = None, subtask_texts: Sequence[str] | None = None,
-                 mode: str = "create", vcodec: str = "h264", crf: int = 18, pix_fmt: str = "yuv444p",
+                 mode: str = "create", vcodec: str = "h264", crf: int = 0, pix_fmt: str = "yuv444p",
                  provenance: dict | None = None):
         from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
@@ -150,9 +150,9 @@ class DatasetRecorder:
 
     def _set_encoder(self, fps: float, vcodec: str, crf: int, pix_fmt: str) -> None:
         """lerobot's streaming encoder hard-codes crf=30 / yuv420p, which costs ~10 dB PSNR on
-        128x128 sim frames (32.8 dB vs 43.5 dB at crf=18 / yuv444p for +0.3 kB per frame, measured
-        on ALOHA top-camera frames); the tokenizer's 30 dB target needs the better setting. The
-        encoder is lerobot's own class, only configured differently."""
+        128x128 sim frames (32.8 dB vs 43.5 dB at crf=18 / yuv444p, measured on ALOHA top-camera
+        frames); the record config's default is crf=0 / yuv444p (~60 dB; configs/record.yaml says
+        why). The encoder is lerobot's own class, only configured differently."""
         from lerobot.datasets.video_utils import StreamingVideoEncoder
 
         if self.dataset._streaming_encoder is not None:
