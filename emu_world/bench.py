@@ -12,7 +12,9 @@ line. Speed targets live here, never in unit tests. ``world_model`` and ``dida``
 ``tokenizer``: held-out PSNR and SSIM per task (frames recorded from the simulator with the
 scripted experts, episode ``i`` of a task reset with ``seed + i``; the training datasets are
 recorded from seed 0 on, so the default ``seed=1000`` gives unseen episodes), code usage (the
-fraction of the K codes used over all measured frames) and perplexity, tokens per frame, and
+fraction of the K codes used over all measured frames) and perplexity, code stability (the fraction
+of codes unchanged when every pixel value moves by -1, 0 or +1 grey level, :func:`nudge`: what a
+world model reading raw frames and trained on video-decoded ones sees), tokens per frame, and
 encode / decode / round-trip frames per second at ``threads`` torch threads. Writes a picture
 of originals beside reconstructions per task (``picture=``).
 """
@@ -103,6 +105,13 @@ def dataset_task_frames(roots: Any, held_out: int, frame_stride: int, image_size
 
 
 # ----------------------------------------------------------------------------- measuring
+
+
+def nudge(frames: np.ndarray, seed: int) -> np.ndarray:
+    """(n, H, W, 3) uint8 frames with every value moved by -1, 0 or +1 grey level (uniform, seeded,
+    clipped): the error of a lossless-in-YUV video round trip or of a camera's least significant bit."""
+    step = np.random.default_rng(seed).integers(-1, 2, size=frames.shape)
+    return np.clip(frames.astype(np.int16) + step, 0, 255).astype(np.uint8)
 
 
 def time_tokenizer(tok, frames: np.ndarray, batch_size: int) -> dict[str, float]:
@@ -199,6 +208,7 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
         recon = tok.decode(codes, bs).numpy()
         all_codes.append(codes)
         use = code_usage(codes, tok.codebook_size)
+        nudged = tok.encode(nudge(s.frames, int(cfg.seed)), bs)
         rows[f"{s.task}/{s.camera}"] = {
             "frames": int(len(s.frames)),
             "psnr": round(float(psnr_per_frame(s.frames, recon).mean()), 3),
@@ -206,6 +216,7 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
                                            for i in range(0, len(s.frames), 64)]).mean()), 4),
             "code_usage": round(use["code_usage"], 4),
             "perplexity": round(use["perplexity"], 1),
+            "code_stability": round(float((nudged == codes).float().mean()), 4),
             "source": s.source,
         }
         pick = np.linspace(0, len(s.frames) - 1, int(cfg.picture_frames)).round().astype(int)
@@ -223,6 +234,7 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
         "ssim": round(float(np.mean([r["ssim"] for r in rows.values()])), 4),
         "code_usage": round(usage["code_usage"], 4),  # over all measured frames
         "perplexity": round(usage["perplexity"], 1),
+        "code_stability": round(float(np.mean([r["code_stability"] for r in rows.values()])), 4),  # mean over tasks
         "tokens_per_frame": int(tok.grid[0] * tok.grid[1]),
         "codebook_size": int(tok.codebook_size),
         "image_size": image_size,
@@ -242,12 +254,13 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    lines = ["| task/camera | frames | PSNR dB | SSIM | code usage | perplexity |", "|---|---|---|---|---|---|"]
+    lines = ["| task/camera | frames | PSNR dB | SSIM | code usage | perplexity | code stability |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in summary["per_task"].items():
         lines.append(f"| {name} | {r['frames']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['code_usage']:.3f} | "
-                     f"{r['perplexity']:.0f} |")
+                     f"{r['perplexity']:.0f} | {r['code_stability']:.3f} |")
     lines.append(f"| **all** | {summary['frames']} | {summary['psnr']:.2f} | {summary['ssim']:.4f} | "
-                 f"{summary['code_usage']:.3f} | {summary['perplexity']:.0f} |")
+                 f"{summary['code_usage']:.3f} | {summary['perplexity']:.0f} | {summary['code_stability']:.3f} |")
     lines.append(f"tokens/frame {summary['tokens_per_frame']}, K {summary['codebook_size']}; "
                  f"encode {summary['encode_fps']:.0f} frames/s, decode {summary['decode_fps']:.0f} frames/s, "
                  f"encode+decode {summary['frames_per_second']:.0f} frames/s ({summary['threads']} threads, "

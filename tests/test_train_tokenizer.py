@@ -140,8 +140,9 @@ def test_bench_tokenizer_on_a_dataset_and_from_the_simulator(dataset, tmp_path):
             f"checkpoint={run.export_dir}", f"dataset.root={dataset}", "dataset.held_out=1", "batch_size=8",
             f"picture={tmp_path / 'recon.png'}", f"output={tmp_path / 'bench.json'}", "speed_frames=16"])
     summary = run_benchmark("tokenizer", cfg)
-    for key in ("psnr", "ssim", "code_usage", "tokens_per_frame", "frames_per_second"):
+    for key in ("psnr", "ssim", "code_usage", "tokens_per_frame", "frames_per_second", "code_stability"):
         assert key in summary
+    assert 0.0 <= summary["code_stability"] <= 1.0
     assert summary["tokens_per_frame"] == 16 and (tmp_path / "recon.png").exists()
     assert json.loads((tmp_path / "bench.json").read_text())["identity"] == summary["identity"]
     # recording held-out episodes itself (the default mode), one short task
@@ -151,6 +152,19 @@ def test_bench_tokenizer_on_a_dataset_and_from_the_simulator(dataset, tmp_path):
             f"output={tmp_path / 'bench2.json'}"])
     summary = run_benchmark("tokenizer", cfg)
     assert list(summary["per_task"]) == [f"{TASK}/front"] and summary["frames"] > 10
+
+
+def test_nudge_moves_every_value_by_at_most_one_level():
+    from emu_world.bench import nudge
+
+    frames = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
+    frames[0] = 0
+    frames[1] = 255
+    out = nudge(frames, 7)
+    diff = out.astype(int) - frames.astype(int)
+    assert out.dtype == np.uint8 and np.abs(diff).max() == 1 and set(np.unique(diff[2])) == {-1, 0, 1}
+    assert out[0].min() == 0 and out[1].max() == 255  # clipped
+    np.testing.assert_array_equal(out, nudge(frames, 7))
 
 
 def test_bench_cli_names_the_benchmarks():
