@@ -401,7 +401,7 @@ def test_resume_reproduces_the_uninterrupted_adaptation(world, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fsdp_adaptation_agrees_with_one_process(world, tmp_path):
+def test_fsdp_adaptation_agrees_with_one_process(world, tmp_path, run_group):
     """train.parallel=fsdp under torchrun (FSDP2, 2 gloo ranks; logits() registered as an FSDP entry point):
     the same DiDA losses and exported weights as one process."""
     common = ("train.steps=2", "train.eval_every=0", "train.save_every=100", "dida.export_dtype=float32")
@@ -410,7 +410,7 @@ def test_fsdp_adaptation_agrees_with_one_process(world, tmp_path):
            "stage=dida", "experiment=tiny_dida", f"init={world['init']}", f"dataset.root={world['data']}",
            f"data.token_cache={world['cache']}", f"run_dir={tmp_path / 'two'}", "train.threads=2", *common,
            "train.parallel=fsdp"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_group(cmd, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([r["loss"] for r in records if "loss" in r and "eval" not in r], single, rtol=1e-5)

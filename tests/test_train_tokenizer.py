@@ -174,12 +174,12 @@ def test_bench_cli_names_the_benchmarks():
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_gloo(dataset, tmp_path):
+def test_torchrun_two_ranks_gloo(dataset, tmp_path, run_group):
     """Data-parallel training under torchrun (gloo, CPU) finishes and exports."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            "-m", "emu_world.train", "stage=tokenizer", "experiment=tiny", f"dataset.root={dataset}",
            f"run_dir={tmp_path / 'ddp'}", "train.steps=4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+    proc = run_group(cmd, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "ddp" / "tokenizer" / "manifest.json").read_text())

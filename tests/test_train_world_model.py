@@ -175,7 +175,7 @@ def test_input_noise_trains_and_resumes_exactly(world, tmp_path):
     assert losses(weighted.history)[0] != losses(clean.history)[0]  # reweighted from the first batch
 
 
-def test_two_gloo_ranks_agree_with_one_process(world, tmp_path):
+def test_two_gloo_ranks_agree_with_one_process(world, tmp_path, run_group):
     """torchrun --nproc_per_node=2 (gloo, CPU): 2 steps of 2 mixture batches, one per rank."""
     train(world, tmp_path / "warm", "train.steps=1")  # fills the token cache before the ranks start
     exact = "world_model.export_dtype=float32"  # compare the weights before any rounding
@@ -184,7 +184,7 @@ def test_two_gloo_ranks_agree_with_one_process(world, tmp_path):
            "-m", "emu_world.train", *overrides(world, tmp_path / "two", "train.steps=2", "train.eval_every=0",
                                                "train.threads=2", exact)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = run_group(cmd, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     ddp = [r["loss"] for r in records if "loss" in r and "eval" not in r]
@@ -195,29 +195,29 @@ def test_two_gloo_ranks_agree_with_one_process(world, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
 
 
-def torchrun(world, run_dir: Path, *extra: str) -> list[float]:
+def torchrun(run_group, world, run_dir: Path, *extra: str) -> list[float]:
     """``torchrun --nproc_per_node=2 -m emu_world.train`` (gloo, CPU); the losses it logged."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "emu_world.train", *overrides(world, run_dir, "train.threads=2", *extra)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_group(cmd, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r and "eval" not in r]
 
 
-def test_fsdp_ranks_agree_with_one_process_and_share_checkpoints(world, tmp_path):
+def test_fsdp_ranks_agree_with_one_process_and_share_checkpoints(world, tmp_path, run_group):
     """train.parallel=fsdp under torchrun (FSDP2 on gloo): the same losses and weights as one process, and
     its checkpoints hold full states: an FSDP run resumes a single-process checkpoint and the other way round."""
     train(world, tmp_path / "warm", "train.steps=1")  # fills the token cache before the ranks start
     common = ("train.steps=3", "train.eval_every=0", "train.save_every=100", "world_model.export_dtype=float32")
     single = losses(train(world, tmp_path / "one", *common).history)
     # FSDP for steps 1-2 (checkpoint), then one process resumes for step 3
-    fsdp = torchrun(world, tmp_path / "a", *common, "train.parallel=fsdp", "train.stop_after=2")
+    fsdp = torchrun(run_group, world, tmp_path / "a", *common, "train.parallel=fsdp", "train.stop_after=2")
     rest = losses(train(world, tmp_path / "a", *common, "resume=true").history)
     np.testing.assert_allclose(fsdp + rest, single, rtol=1e-5, atol=1e-6)
     # one process for step 1 (checkpoint), then FSDP resumes for steps 2-3 and exports
     first = losses(train(world, tmp_path / "b", *common, "train.stop_after=1").history)
-    fsdp = torchrun(world, tmp_path / "b", *common, "train.parallel=fsdp", "resume=true")
+    fsdp = torchrun(run_group, world, tmp_path / "b", *common, "train.parallel=fsdp", "resume=true")
     np.testing.assert_allclose(first + fsdp[-2:], single, rtol=1e-5, atol=1e-6)
     a = load_file(str(tmp_path / "one" / "world_model" / "model.safetensors"))
     for run in ("a", "b"):
