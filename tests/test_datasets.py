@@ -251,3 +251,22 @@ def test_verify_replays_the_recording(recorded):
     report = verify(recorded, episodes=1)
     assert report["actions_exact"] and report["checked"][0]["replayed_length"] == STEPS
     assert report["mean_psnr"] > 35.0 and report["lerobot_vs_ours_frame0_psnr"] > 40.0
+    assert "mean_codes_equal" not in report  # codes only with a tokenizer
+
+
+def test_verify_compares_the_codes_of_decoded_and_raw_frames(recorded, tmp_path):
+    """--tokenizer: codes of every stride-th decoded frame against the raw render's, and how many change."""
+    import torch
+
+    from emu_world.data.verify import verify
+    from emu_world.tokenizer import TokenizerConfig, VisionTokenizer
+
+    torch.manual_seed(0)
+    VisionTokenizer(TokenizerConfig(image_size=64, channels=[16, 32], encoder_blocks=[1, 1], decoder_blocks=[1, 1],
+                                    code_dim=8, codebook_size=64)).save(tmp_path / "tok")
+    report = verify(recorded, episodes=1, tokenizer=tmp_path / "tok", stride=2)
+    codes = report["checked"][0]["codes"]["top"]
+    assert 0.0 <= codes["codes_equal"] <= 1.0 and report["mean_codes_equal"] == codes["codes_equal"]
+    assert report["mean_codes_changed_raw"] == codes["codes_changed_raw"] and report["stride"] == 2
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        verify(recorded, episodes=1, tokenizer=tmp_path / "tok", stride=0)

@@ -1,12 +1,17 @@
 """Check a recorded dataset against the simulator that produced it.
 
     python -m emu_world.data.verify datasets/aloha_fold [--episodes 3]
+    python -m emu_world.data.verify datasets/aloha_fold --tokenizer checkpoints/tokenizer --stride 10
 
 For an emu-world recording (``meta/emu_world.json`` names the env and each episode's seed), it
 replays the first episodes with the same agent and seed, then compares: actions (must match
 exactly: the sims are deterministic), episode lengths, and the decoded video frames against the
 raw renders (PSNR; video is lossy). Frames are decoded by emu-world's loader and, for one
-episode, by lerobot's ``LeRobotDataset`` too. Prints one JSON line.
+episode, by lerobot's ``LeRobotDataset`` too. With ``--tokenizer``, also what the video does to the
+vision codes, every ``--stride``-th frame (the world model's frame rate): the fraction of the decoded
+frames' codes equal to the raw renders' codes (``codes_equal``), and the fraction of codes that change
+between consecutive frames in each (``codes_changed``: raw vs dataset; extra change is compression
+noise the world model would learn). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -48,7 +53,24 @@ def replay(env_name: str, seed: int, cameras: list[str], image_size: int, length
     return {c: np.stack(v) for c, v in frames.items()}, np.stack(actions)
 
 
-def verify(root: str | Path, episodes: int = 3) -> dict:
+def code_report(tokenizer, decoded: np.ndarray, raw: np.ndarray, stride: int) -> dict[str, float]:
+    """Codes of every ``stride``-th decoded and raw frame: agreement, and change between consecutive frames."""
+    a, b = tokenizer.encode(decoded[::stride]).numpy(), tokenizer.encode(raw[::stride]).numpy()  # (n, h, w)
+    n = min(len(a), len(b))
+    a, b = a[:n], b[:n]
+    return {"codes_equal": round(float((a == b).mean()), 4),
+            "codes_changed_raw": round(float((b[1:] != b[:-1]).mean()), 4) if n > 1 else None,
+            "codes_changed_dataset": round(float((a[1:] != a[:-1]).mean()), 4) if n > 1 else None}
+
+
+def verify(root: str | Path, episodes: int = 3, tokenizer: str | Path | None = None, stride: int = 1) -> dict:
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1 (frames between compared codes), got {stride}")
+    tok = None
+    if tokenizer is not None:
+        from emu_world.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
     ds = RobotDataset(root)
     prov = ds.provenance
     if not prov.get("env") or prov.get("agent") != "scripted":
@@ -66,12 +88,21 @@ def verify(root: str | Path, episodes: int = 3) -> dict:
             else None,
             "psnr": {c: round(psnr(ep.frames[IMAGE_PREFIX + c], raw[c]), 2) for c in cams},
         })
+        if tok is not None:
+            per_episode[-1]["codes"] = {c: code_report(tok, ep.frames[IMAGE_PREFIX + c], raw[c], stride) for c in cams}
     # lerobot's own loader on one frame, in this (fresh) process
     item = ds.lerobot[0]
     lerobot_frame = (item[ds.camera_keys[0]].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
     ours_frame = ds.episode(0).frames[ds.camera_keys[0]][0]
+    codes = {}
+    if tok is not None:
+        reports = [r for e in per_episode for r in e["codes"].values()]
+        codes = {f"mean_{k}": round(float(np.mean([r[k] for r in reports if r[k] is not None])), 4)
+                 for k in reports[0] if any(r[k] is not None for r in reports)}
+        codes.update({"tokenizer": tok.identity(), "stride": stride})
     return {
         "dataset_root": str(root), "env": prov["env"], "episodes": ds.num_episodes, "frames": ds.num_frames,
+        **codes,
         "checked": per_episode,
         "mean_psnr": round(float(np.mean([v for e in per_episode for v in e["psnr"].values()])), 2),
         "actions_exact": all(e["actions_max_abs_diff"] == 0.0 for e in per_episode),
@@ -84,8 +115,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="dataset folder (the one holding meta/info.json)")
     parser.add_argument("--episodes", type=int, default=3, help="how many episodes to replay")
+    parser.add_argument("--tokenizer", default=None, help="vision tokenizer folder: also compare the codes")
+    parser.add_argument("--stride", type=int, default=1, help="compare codes of every k-th frame")
     args = parser.parse_args()
-    print(json.dumps(verify(args.root, args.episodes)), flush=True)
+    print(json.dumps(verify(args.root, args.episodes, args.tokenizer, args.stride)), flush=True)
 
 
 if __name__ == "__main__":
