@@ -29,9 +29,10 @@ the true frame), also split into the codes that stayed the same since frame ``j`
 those that changed (``changed``). Diagnostic of the 1-step prediction (``teacher_forced_1``): the
 same split of the model's argmax codes of frame ``j+1`` when every position reads the true codes
 before it (one forward pass, as in training); the gap to the generated frame's accuracy is what
-the model's own errors cost once they feed the rest of the frame. Two references on the same frames: ``copy_last`` (the true frame ``j``, the last
-one observed, raw pixels, against frame ``j+h``) and the ``ceiling`` (the tokenizer's own
-reconstruction of frame ``j+h``: what a perfect code prediction would score). Plus seconds per
+the model's own errors cost once they feed the rest of the frame. Two references on the same
+frames: ``copy_last`` (the true frame ``j``, the last one observed, raw pixels, against frame
+``j+h``) and the ``ceiling`` (the tokenizer's own reconstruction of frame ``j+h``: what a perfect
+code prediction would score). Plus seconds per
 generated frame, and training throughput: ``throughput.steps`` forward+backward+AdamW steps (after
 one warm-up) of a copy of the model on ``data.rows`` packed rows of ``data.max_len`` tokens built
 from the recorded episodes exactly like training samples; tokens/s counts non-padding tokens. Peak
@@ -43,8 +44,8 @@ frames. :mod:`emu_world.bench_dida` reuses the recording, rollouts and metrics t
 JSON keys. The headline keys (``psnr_<h>``, ``ssim_<h>``, ``token_acc_<h>``, ``copy_last_psnr_<h>``,
 ``copy_last_ssim_<h>``, ``copy_last_token_acc_<h>`` (the codes that did not change: what copying
 scores on ``token_acc``), ``static_token_acc_<h>``, ``changed_token_acc_<h>``,
-``teacher_forced_{token,static_token,changed_token}_acc_1``, ``ceiling_psnr``) are those of ``headline_task`` (aloha_fold by default, the
-issue's target: 1-step PSNR >= copy-last + 3 dB, still above copy-last at 16 steps), or of the first
+``teacher_forced_{token,static_token,changed_token}_acc_1``, ``ceiling_psnr``) are those of
+``headline_task`` (aloha_fold by default, the issue's target: 1-step PSNR >= copy-last + 3 dB, still above copy-last at 16 steps), or of the first
 measured task when it is not measured (``headline_task`` in the JSON says which). ``mean_psnr_<h>``
 and ``mean_copy_last_psnr_<h>`` average over tasks; ``per_task`` holds every task's table.
 """
@@ -322,6 +323,7 @@ def score_rollouts(predict: FramePredictor | Generator, tokenizer, ex: Export, s
     if not generated:
         raise ValueError(f"{spec.task}: no episode is long enough for {C} context frame(s) and {H} frames ahead "
                          f"(every {spec.stride} env steps); lower horizons or context_frames")
+
     def means(values: dict[str, list[float]]) -> dict[str, float | None]:
         return {k: round(float(np.mean(v)), 4) if v else None for k, v in values.items()}
 

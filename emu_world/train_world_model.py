@@ -214,12 +214,13 @@ def corrupt_image_inputs(layout: SequenceLayout, packed: Packed, max_rate: float
     return tokens
 
 
-def changed_code_weights(layout: SequenceLayout, tokens: torch.Tensor, doc_ids: torch.Tensor,
+def changed_code_weights(layout: SequenceLayout, tokens: torch.Tensor, hints: torch.Tensor,
                          weights: torch.Tensor, factor: float) -> torch.Tensor:
     """(R, L) loss weights with those of the vision codes that differ from the previous image's code at
-    the same cell (what moved; :meth:`SequenceLayout.frame_hints`) multiplied by ``factor``."""
-    hints = layout.frame_hints(tokens, doc_ids)[:, :-1]  # (R, L-1): hint of the target at i + 1
-    moved = (hints >= 0) & (tokens[:, 1:] - layout.vision.start != hints)  # (R, L-1)
+    the same cell (what moved) multiplied by ``factor``; ``hints`` are the tokens' previous-frame hints
+    (:meth:`SequenceLayout.frame_hints`: ``hints[:, i]`` is the previous code at the cell of ``i + 1``)."""
+    prev = hints[:, :-1]  # (R, L-1): the previous code at the cell of the target i + 1
+    moved = (prev >= 0) & (tokens[:, 1:] - layout.vision.start != prev)  # (R, L-1)
     out = weights.clone()
     out[:, 1:] = torch.where(moved, weights[:, 1:] * factor, weights[:, 1:])
     return out
@@ -241,14 +242,16 @@ def ar_batch_loss(model: WorldModel, data: MixtureDataset, b: int, input_noise: 
     inputs = model.packed_inputs(packed, model.device)  # packed (R, L)
     if input_noise <= 0 and changed_weight == 1.0:
         return model(**inputs)
-    tokens, doc_ids = inputs["tokens"], inputs["doc_ids"]
-    weights = inputs["weights"] if changed_weight == 1.0 else \
-        changed_code_weights(data.layout, tokens, doc_ids, inputs["weights"], changed_weight)
+    tokens, doc_ids, weights = inputs["tokens"], inputs["doc_ids"], inputs["weights"]
+    clean_hints = None
+    if changed_weight != 1.0:
+        clean_hints = data.layout.frame_hints(tokens, doc_ids)  # (R, L), also the model's when reading clean
+        weights = changed_code_weights(data.layout, tokens, clean_hints, weights, changed_weight)
     if input_noise > 0:
         noisy = corrupt_image_inputs(data.layout, packed, input_noise, seeded_generator(data.config.seed, b))
         logits = model.logits(noisy.to(model.device), doc_ids, inputs["position_ids"])  # hints from noisy images
     else:
-        logits = model.logits(tokens, doc_ids, inputs["position_ids"])
+        logits = model.logits(tokens, doc_ids, inputs["position_ids"], hints=clean_hints)
     return next_token_loss(logits, tokens, weights, inputs["roles"])
 
 

@@ -1,17 +1,15 @@
 """Test-wide settings: offline, deterministic, headless."""
 
 import os
+import signal
+import subprocess
+
+import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import envs  # noqa: E402,F401  (sets MUJOCO_GL before anything imports mujoco)
-
-
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -148,13 +149,14 @@ def test_changed_weight_scales_exactly_the_codes_that_moved():
     packed = layout.pack([layout.dynamics("fold the cloth", frames, rng.integers(0, 16, (4, 3)))], max_len=200)
     tokens, doc_ids = torch.as_tensor(packed.tokens), torch.as_tensor(packed.doc_ids)
     weights = torch.as_tensor(packed.weights)
-    out = changed_code_weights(layout, tokens, doc_ids, weights, 3.0)
+    hints = layout.frame_hints(tokens, doc_ids)
+    out = changed_code_weights(layout, tokens, hints, weights, 3.0)
     scaled = out != weights
     assert int(scaled.sum()) == 3 + 2  # the first image has no previous one: nothing of it moved
     assert torch.equal(out[scaled], 3.0 * weights[scaled]) and (weights[scaled] == 0.5).all()  # vision weight
     (a1, b1), (a2, b2) = packed.image_spans[1:, 1:].tolist()
     assert int(scaled[0, a1:b1].sum()) == 3 and int(scaled[0, a2:b2].sum()) == 2
-    assert torch.equal(changed_code_weights(layout, tokens, doc_ids, weights, 1.0), weights)
+    assert torch.equal(changed_code_weights(layout, tokens, hints, weights, 1.0), weights)
 
 
 def test_input_noise_trains_and_resumes_exactly(world, tmp_path):
@@ -243,3 +245,13 @@ def test_bad_settings_fail_with_the_fix(world, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="use train.device=cpu"):
             train(world, tmp_path / "g", "train.device=cuda")
+
+
+def test_run_group_kills_the_whole_process_group_on_timeout(run_group, tmp_path):
+    """The torchrun tests' runner (conftest): a child the command started does not outlive the timeout."""
+    marker = tmp_path / "alive"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_group(["sh", "-c", f"(sleep 1; touch {marker}) & sleep 30"], timeout=0.3)
+    time.sleep(1.5)
+    assert not marker.exists()  # the background child was killed with its parent
+    assert run_group(["sh", "-c", "echo out; echo err >&2"], timeout=10).stdout == "out\n"
