@@ -34,7 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from emu_world.config import CONFIG_DIR, EnvConfig, to_dataclass
-from emu_world.image_metrics import code_usage, psnr_per_frame, ssim_per_frame
+from emu_world.image_metrics import code_stability, code_usage, nudge, psnr_per_frame, ssim_per_frame
 
 REPO_ROOT = CONFIG_DIR.parent
 
@@ -105,13 +105,6 @@ def dataset_task_frames(roots: Any, held_out: int, frame_stride: int, image_size
 
 
 # ----------------------------------------------------------------------------- measuring
-
-
-def nudge(frames: np.ndarray, seed: int) -> np.ndarray:
-    """(n, H, W, 3) uint8 frames with every value moved by -1, 0 or +1 grey level (uniform, seeded,
-    clipped): the error of a lossless-in-YUV video round trip or of a camera's least significant bit."""
-    step = np.random.default_rng(seed).integers(-1, 2, size=frames.shape)
-    return np.clip(frames.astype(np.int16) + step, 0, 255).astype(np.uint8)
 
 
 def time_tokenizer(tok, frames: np.ndarray, batch_size: int) -> dict[str, float]:
@@ -216,7 +209,7 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
                                            for i in range(0, len(s.frames), 64)]).mean()), 4),
             "code_usage": round(use["code_usage"], 4),
             "perplexity": round(use["perplexity"], 1),
-            "code_stability": round(float((nudged == codes).float().mean()), 4),
+            "code_stability": round(code_stability(codes, nudged), 4),
             "source": s.source,
         }
         pick = np.linspace(0, len(s.frames) - 1, int(cfg.picture_frames)).round().astype(int)

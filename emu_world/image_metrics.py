@@ -65,6 +65,18 @@ def ssim(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, batch: int 
     return float(torch.cat(vals).mean())
 
 
+def nudge(frames: np.ndarray, seed: int) -> np.ndarray:
+    """(n, H, W, 3) uint8 frames with every value moved by -1, 0 or +1 grey level (uniform, seeded,
+    clipped): the error of a lossless-in-YUV video round trip or of a camera's least significant bit."""
+    step = np.random.default_rng(seed).integers(-1, 2, size=frames.shape)
+    return np.clip(frames.astype(np.int16) + step, 0, 255).astype(np.uint8)
+
+
+def code_stability(codes: torch.Tensor, nudged_codes: torch.Tensor) -> float:
+    """Fraction of codes a tokenizer keeps when its input frames are :func:`nudge`-d."""
+    return float((torch.as_tensor(codes) == torch.as_tensor(nudged_codes)).double().mean())
+
+
 def code_usage(codes: np.ndarray | torch.Tensor, codebook_size: int) -> dict[str, float]:
     """Fraction of the K codes used at least once, and the perplexity of the code histogram."""
     c = torch.as_tensor(codes).reshape(-1).long()

@@ -294,12 +294,17 @@ class IBQuantizer(nn.Module):
         sims = z.permute(0, 2, 3, 1).reshape(-1, D) @ self.normalized_codebook().T  # (B*h*w, K)
         return sims.argmax(dim=-1).view(B, h, w)
 
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) normalised latents -> (B*h*w, K) code logits (scaled cosine similarities)."""
+        zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        return self.logit_scale * (zf @ self.normalized_codebook().T)
+
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         B, D, h, w = z.shape
         K = self.codebook.shape[0]
         zf = z.permute(0, 2, 3, 1).reshape(-1, D)  # (N, D), N = B*h*w
         codebook = self.normalized_codebook()  # (K, D)
-        logits = self.logit_scale * (zf @ codebook.T)  # (N, K)
+        logits = self.logit_scale * (zf @ codebook.T)  # (N, K) (= self.logits(z), zf and codebook reused)
         soft = logits.softmax(dim=-1)  # (N, K)
         codes = logits.argmax(dim=-1)  # (N,)
         # IBQ: zq = (one_hot - sg(soft) + soft) @ codebook has the value codebook[codes] and sends the

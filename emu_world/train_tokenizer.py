@@ -12,11 +12,12 @@ of its training episodes), so short-episode tasks are not drowned by long ones; 
 are decoded once into memory (uint8).
 
 Loop (explicit, one function per piece): ``train_step`` (reconstruction L1 + L2 + image-gradient
-loss, IBQ commitment / quantisation / entropy terms, optional hinge adversarial term after
+loss, IBQ commitment / quantisation / entropy terms, optional code consistency under pixel noise
+(``tokenizer_loss.consistency``), optional hinge adversarial term after
 ``tokenizer_loss.adversarial_start``), ``restart_dead_codes`` (codes whose running usage falls
 below a fraction of the mean are moved onto random encoder outputs, until
-``restart_until`` of training), ``evaluate`` (held-out PSNR, code usage), ``save_checkpoint``
-(atomic, exact resume) and ``export`` (the tokenizer folder plus ``manifest.json``).
+``restart_until`` of training), ``evaluate`` (held-out PSNR, code usage, code stability),
+``save_checkpoint`` (atomic, exact resume) and ``export`` (the tokenizer folder plus ``manifest.json``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from emu_world.config import to_dataclass
-from emu_world.image_metrics import code_usage, psnr
+from emu_world.image_metrics import code_stability, code_usage, nudge, psnr
 from emu_world.tokenizer import TokenizerConfig, VisionTokenizer, check_config_match, frames_to_tensor
 from emu_world.training import (
     DistInfo, FrameDataConfig, LoopConfig, MetricLogger, TrainResult, all_reduce_mean, all_reduce_sum, average_gradients, batch_indices,
@@ -56,12 +57,19 @@ class TokenizerLossConfig:
     commit: float = 0.25
     quant: float = 1.0
     entropy: float = 0.05
+    consistency: float = 0.0  # CE of the code logits of x + pixel noise against x's codes (stable codes); 0: off
+    consistency_noise: int = 2  # ... the noise: every value moved by a uniform integer in [-n, n] grey levels
     adversarial: float = 0.0  # hinge GAN weight; 0 disables the discriminator
     adversarial_start: int = 2000
     restart_every: int = 50  # dead-code restart period (steps); 0 disables
     restart_until: float = 0.8  # ... up to this fraction of train.steps
     restart_threshold: float = 0.03  # dead: running usage below this fraction of the mean usage
     usage_decay: float = 0.95  # EMA decay of per-code usage counts
+
+    def __post_init__(self) -> None:
+        if self.consistency < 0 or self.consistency_noise < 1:
+            raise ValueError(f"tokenizer_loss.consistency must be >= 0 and tokenizer_loss.consistency_noise >= 1 grey "
+                             f"level, got {self.consistency} and {self.consistency_noise}")
 
 
 @dataclass
@@ -234,10 +242,23 @@ class StepResult:
     z: torch.Tensor  # (B, D, h, w) latents of this rank's batch (for restarts)
 
 
+def consistency_loss(model: VisionTokenizer, x: torch.Tensor, codes: torch.Tensor, noise: int,
+                     generator: torch.Generator) -> torch.Tensor:
+    """Cross-entropy of the code logits of ``x`` + pixel noise (every value moved by a uniform
+    integer in [-noise, noise] grey levels, clipped) against the codes ``x`` itself got (a fixed
+    target): codes that do not flip under the least significant bits of a camera or a video round
+    trip (``code_stability`` in ``bench tokenizer``), which the world model then need not predict."""
+    delta = torch.randint(-noise, noise + 1, x.shape, generator=generator).to(x.dtype) * (2.0 / 255.0)
+    logits = model.quantizer.logits(model.encode_latents((x + delta).clamp(-1.0, 1.0)))  # (N, K)
+    return F.cross_entropy(logits, codes.detach().reshape(-1))
+
+
 def train_step(model: VisionTokenizer, opt: torch.optim.Optimizer, x: torch.Tensor, step: int,
                loss_cfg: TokenizerLossConfig, loop: LoopConfig, info: DistInfo,
-               disc: PatchDiscriminator | None = None, opt_d: torch.optim.Optimizer | None = None) -> StepResult:
-    """One optimisation step on this rank's share ``x`` (B, 3, H, W) of the global batch."""
+               disc: PatchDiscriminator | None = None, opt_d: torch.optim.Optimizer | None = None,
+               seed: int = 0) -> StepResult:
+    """One optimisation step on this rank's share ``x`` (B, 3, H, W) of the global batch (random
+    draws: a pure function of ``seed``, ``step`` and the rank)."""
     model.train()
     out = model(x)
     q = out.quant
@@ -251,6 +272,9 @@ def train_step(model: VisionTokenizer, opt: torch.optim.Optimizer, x: torch.Tens
         "quant": q.quant_loss,
         "entropy": q.entropy_loss,
     }
+    if loss_cfg.consistency > 0:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1024 + info.rank)
+        terms["consistency"] = consistency_loss(model, x, q.codes, loss_cfg.consistency_noise, g)
     loss = sum(getattr(loss_cfg, k) * v for k, v in terms.items())
     if loss_cfg.hard <= 0:
         del terms["hard"]
@@ -326,15 +350,17 @@ def restart_dead_codes(model: VisionTokenizer, opt: torch.optim.Optimizer, usage
 def evaluate(model: VisionTokenizer, sets: list[FrameSet], batch_size: int = 64) -> dict[str, Any]:
     """Held-out PSNR per (dataset, camera) and overall, and code usage over all held-out frames."""
     model.eval()
-    all_codes, per_set = [], {}
-    for fs in sets:
+    all_codes, all_nudged, per_set = [], [], {}
+    for i, fs in enumerate(sets):
         codes = model.encode(fs.held_out, batch_size)
         recon = model.decode(codes, batch_size)
         per_set[fs.name] = round(psnr(fs.held_out, recon), 3)
         all_codes.append(codes)
+        all_nudged.append(model.encode(nudge(fs.held_out, i), batch_size))
     usage = code_usage(torch.cat(all_codes), model.codebook_size)
     return {"psnr": round(float(np.mean(list(per_set.values()))), 3), "psnr_per_set": per_set,
-            "code_usage": round(usage["code_usage"], 4), "perplexity": round(usage["perplexity"], 1)}
+            "code_usage": round(usage["code_usage"], 4), "perplexity": round(usage["perplexity"], 1),
+            "code_stability": round(code_stability(torch.cat(all_codes), torch.cat(all_nudged)), 4)}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -456,7 +482,7 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
         set_lr(opt, lr)
         if opt_d is not None:
             set_lr(opt_d, lr)
-        result = train_step(model, opt, x, step, loss_cfg, loop, info, disc, opt_d)
+        result = train_step(model, opt, x, step, loss_cfg, loop, info, disc, opt_d, seed)
         usage.mul_(loss_cfg.usage_decay).add_(result.counts, alpha=1 - loss_cfg.usage_decay)
         restarted = 0
         if loss_cfg.restart_every > 0 and (step + 1) % loss_cfg.restart_every == 0 and step + 1 <= restart_until:

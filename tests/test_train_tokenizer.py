@@ -63,16 +63,19 @@ def test_tiny_training_lowers_the_loss_and_exports(dataset, tmp_path):
     tok = VisionTokenizer.load(out)
     assert manifest["identity"] == tok.identity() == json.loads((out / "config.json").read_text())["identity"]
     assert 0 < manifest["metrics"]["code_usage"] <= 1 and manifest["metrics"]["psnr"] > 5
+    assert 0 < manifest["metrics"]["code_stability"] <= 1
     assert (tmp_path / "run" / "metrics.jsonl").exists()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval" in r for r in records) and any("batch_perplexity" in r for r in records)
 
 
-def test_resume_reproduces_the_same_loss_curve(dataset, tmp_path):
-    full = run_stage(train_cfg(dataset, tmp_path / "a", "train.steps=8"))
-    part1 = run_stage(train_cfg(dataset, tmp_path / "b", "train.steps=8", "train.stop_after=3"))
+@pytest.mark.parametrize("extra", [[], ["tokenizer_loss.consistency=0.5"]], ids=["default", "consistency"])
+def test_resume_reproduces_the_same_loss_curve(dataset, tmp_path, extra):
+    full = run_stage(train_cfg(dataset, tmp_path / "a", "train.steps=8", *extra))
+    part1 = run_stage(train_cfg(dataset, tmp_path / "b", "train.steps=8", "train.stop_after=3", *extra))
     assert part1.step == 3 and part1.final_metrics is None and part1.export_dir is None
-    part2 = run_stage(train_cfg(dataset, tmp_path / "b", "train.steps=8", "resume=true"))
+    part2 = run_stage(train_cfg(dataset, tmp_path / "b", "train.steps=8", "resume=true", *extra))
+    assert ("consistency" in full.history[-1]) == bool(extra)
     assert [h["step"] for h in part2.history] == list(range(4, 9))
     assert losses(part1.history) + losses(part2.history) == losses(full.history)  # bit for bit
     a = VisionTokenizer.load(tmp_path / "a" / "tokenizer")
@@ -155,7 +158,7 @@ def test_bench_tokenizer_on_a_dataset_and_from_the_simulator(dataset, tmp_path):
 
 
 def test_nudge_moves_every_value_by_at_most_one_level():
-    from emu_world.bench import nudge
+    from emu_world.image_metrics import nudge
 
     frames = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
     frames[0] = 0
@@ -165,6 +168,31 @@ def test_nudge_moves_every_value_by_at_most_one_level():
     assert out.dtype == np.uint8 and np.abs(diff).max() == 1 and set(np.unique(diff[2])) == {-1, 0, 1}
     assert out[0].min() == 0 and out[1].max() == 255  # clipped
     np.testing.assert_array_equal(out, nudge(frames, 7))
+
+
+def test_consistency_loss_is_the_ce_of_noisy_code_logits_and_trains_encoder_and_codebook():
+    from emu_world.tokenizer import TokenizerConfig
+    from emu_world.train_tokenizer import TokenizerLossConfig, consistency_loss
+
+    torch.manual_seed(0)
+    model = VisionTokenizer(TokenizerConfig(image_size=32, channels=[8, 16], encoder_blocks=[0, 1],
+                                            decoder_blocks=[1, 1], code_dim=8, codebook_size=16))
+    x = torch.randint(0, 256, (2, 3, 32, 32)).float() / 127.5 - 1.0
+    codes = model(x).quant.codes  # (2, 4, 4)
+    loss = consistency_loss(model, x, codes, 2, torch.Generator().manual_seed(3))
+    # the same noise by hand: integer grey levels in [-2, 2], clipped to the image range
+    delta = torch.randint(-2, 3, x.shape, generator=torch.Generator().manual_seed(3)).float()
+    assert set(delta.unique().tolist()) == {-2.0, -1.0, 0.0, 1.0, 2.0}
+    noisy = (x + delta * 2 / 255).clamp(-1, 1)
+    logits = model.quantizer.logits(model.encode_latents(noisy))
+    assert logits.shape == (2 * 4 * 4, 16)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, codes.reshape(-1)))
+    loss.backward()
+    assert model.quantizer.codebook.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters() if p.ndim > 1)
+    assert all(p.grad is None for p in model.decoder.parameters())  # codes only: the decoder is not involved
+    with pytest.raises(ValueError, match="consistency_noise >= 1"):
+        TokenizerLossConfig(consistency=1.0, consistency_noise=0)
 
 
 def test_bench_cli_names_the_benchmarks():
