@@ -71,13 +71,14 @@ def bench_cfg(*overrides: str):
 def test_bench_runs_and_reports_the_keys(export, tmp_path):
     cfg = bench_cfg(f"checkpoint={export['world_model']}", f"tokenizer={export['tokenizer']}",
                     "horizons=[1,2]", "episodes=1", "starts=2", "max_episode_steps=12", "throughput.steps=1",
-                    f"output={tmp_path / 'bench.json'}")
+                    "throughput.block_mask=true", f"output={tmp_path / 'bench.json'}")
     summary = run_benchmark("world_model", cfg)
     for key in ("psnr_1", "psnr_2", "copy_last_psnr_1", "copy_last_psnr_2", "ceiling_psnr", "token_acc_1",
                 "sec_per_frame", "train_tokens_per_second", "peak_rss_mb", "mean_psnr_1", "copy_last_token_acc_1",
                 "teacher_forced_token_acc_1"):
         assert np.isfinite(summary[key]), key
     assert 0 <= summary["copy_last_token_acc_1"] <= 1
+    assert summary["train_tokens_per_second_block_mask"] > 0 and summary["packed_attention_speedup"] > 0
     assert summary["train_precision"] == "float32"  # the export's train.precision (absent: float32)
     assert summary["headline_task"] == "widowx_pick_place"  # aloha_fold is not in this export
     assert list(summary["per_task"]) == ["widowx_pick_place"]

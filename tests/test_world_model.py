@@ -16,7 +16,9 @@ from hydra import compose, initialize_config_dir
 from emu_world.config import CONFIG_DIR, to_dataclass
 from emu_world.layout import LayoutConfig, Role, SequenceLayout
 from emu_world.text_tokenizer import load_text_tokenizer
-from emu_world.world_model import PRESETS, WorldModel, WorldModelConfig, document_mask, document_positions
+from emu_world.world_model import (
+    PRESETS, WorldModel, WorldModelConfig, document_mask, document_positions, next_token_loss,
+)
 
 torch.set_num_threads(1)  # tiny matrices: one thread is faster, and the machine is shared
 
@@ -216,3 +218,40 @@ def test_save_load_round_trip_and_layout_mismatch(layout, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a world model checkpoint"):
         WorldModel.load(tmp_path / "missing", layout)
 
+
+
+def test_packed_sdpa_matches_the_block_mask_in_values_and_gradients(layout):
+    """model.attn_implementation=sdpa runs one causal call per packed document; the same rows
+    through the 4-D block-diagonal mask give the same logits and the same gradients."""
+    from emu_world.world_model import PACKED_SDPA, document_segments
+
+    model = tiny_model(layout)
+    assert model.decoder.config._attn_implementation == PACKED_SDPA
+    ss = samples(layout, seed=2)
+    packed = layout.pack(ss + ss, max_len=sum(len(s) for s in ss) + 7)  # rows with several documents, padding
+    inputs = model.packed_inputs(packed)
+    doc = inputs["doc_ids"]
+    assert doc.shape[0] >= 2 and max(len(r) for r in document_segments(doc)) >= 3
+    for row, runs in zip(doc.tolist(), document_segments(doc)):
+        assert runs[0][0] == 0 and runs[-1][1] == len(row)
+        assert all(e == s2 for (_, e), (s2, _) in zip(runs, runs[1:]))  # they tile the row
+        assert all(len(set(row[s:e])) == 1 for s, e in runs)  # one document each
+        assert all(row[e - 1] != row[e] for _, e in runs[:-1])  # maximal
+
+    def run(masked: bool):
+        model.zero_grad(set_to_none=True)
+        if masked:
+            logits = model.logits(inputs["tokens"], position_ids=inputs["position_ids"],
+                                  attention_mask=document_mask(doc), hints=model.hints_for(inputs["tokens"], doc))
+        else:
+            logits = model.logits(inputs["tokens"], doc, inputs["position_ids"])
+        loss, _ = next_token_loss(logits, inputs["tokens"], inputs["weights"])
+        loss.backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    segmented, grads_s = run(False)
+    masked, grads_m = run(True)
+    torch.testing.assert_close(segmented, masked, atol=1e-5, rtol=1e-5)
+    assert grads_s.keys() == grads_m.keys() and len(grads_s) > 5
+    for name in grads_s:
+        torch.testing.assert_close(grads_s[name], grads_m[name], atol=1e-6, rtol=1e-4, msg=name)
