@@ -348,7 +348,8 @@ def restart_dead_codes(model: VisionTokenizer, opt: torch.optim.Optimizer, usage
 
 @torch.no_grad()
 def evaluate(model: VisionTokenizer, sets: list[FrameSet], batch_size: int = 64) -> dict[str, Any]:
-    """Held-out PSNR per (dataset, camera) and overall, and code usage over all held-out frames."""
+    """Held-out PSNR per (dataset, camera) and overall; code usage and code stability (the fraction
+    of codes kept when every pixel value moves by -1, 0 or +1 grey level) over all held-out frames."""
     model.eval()
     all_codes, all_nudged, per_set = [], [], {}
     for i, fs in enumerate(sets):
