@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from emu_world.bench import run_benchmark
+from emu_world.bench_dida import decoders
 from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
 from emu_world.dida import (
     IGNORE, DidaSampler, FrameDecodingConfig, NoiseConfig, NoisePath, SamplerConfig, build_dida_batch,
@@ -447,3 +448,15 @@ def test_benchmarks_run_on_the_adapted_export(world, tmp_path):
     assert quality["dida"]["psnr_2"] == summary["sweep"]["K=2"]["psnr_2"] and "bench" in quality["command"]
     assert wm_summary["frame_decoding"] == "dida K=2 (renoise)" and np.isfinite(wm_summary["psnr_1"])
     assert Path(wm_summary["picture"]).name == "strip.png" and Path(wm_summary["picture"]).is_file()
+
+
+@pytest.mark.parametrize("update", [None, "renoise", "confidence"])
+def test_bench_decoders_take_the_update_override_or_the_exports(update):
+    # `update` is also a DictConfig method name: the override must be read as a key
+    overrides = ["steps=[1,2]"] + ([f"update={update}"] if update else [])
+    with initialize_config_dir(config_dir=str(CONFIG_DIR / "bench"), version_base="1.3"):
+        cfg = compose(config_name="dida", overrides=overrides)
+    manifest = {"dida": {"sampler": {"steps": 2, "update": "confidence"}}}
+    methods, default_k = decoders(cfg, manifest, Sampling())
+    assert default_k == 2 and list(methods) == ["ar", "K=1", "K=2"]
+    assert {m.dida.update for name, m in methods.items() if name != "ar"} == {update or "confidence"}
