@@ -60,7 +60,8 @@ def decoders(cfg: DictConfig, manifest: dict[str, Any], vision: Sampling) -> tup
     """``{"ar": ..., "K=1": ..., ...}`` and the default K (always among them)."""
     defaults = export_sampler_config(manifest)
     default_k = int(cfg.default_steps) if cfg.get("default_steps") is not None else defaults.steps
-    update = str(cfg.get("update")) if cfg.get("update") is not None else defaults.update
+    update = cfg.get("update")  # a key, not DictConfig.update
+    update = str(update) if update is not None else defaults.update
     ks = sorted({int(k) for k in cfg.steps} | {default_k})
     cfg_scale = cfg.get("cfg_scale")
     out = {"ar": FrameDecodingConfig("ar", vision, cfg_scale)}
