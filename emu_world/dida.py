@@ -224,7 +224,7 @@ class DidaBatch:
     weights: torch.Tensor  # (R, L) float: the layout's AR loss weights of the clean part
     roles: torch.Tensor  # (R, L) int8: roles of the clean part (per-role logs)
     position_ids: torch.Tensor  # (R, T) int64
-    hints: torch.Tensor | None  # (R, T) int64 previous-frame hints (-1: none); None: the model takes none
+    hints: torch.Tensor | None  # (R, T[, C]) int64 previous-frame hints (-1: none); None: the model takes none
     attention_mask: torch.Tensor  # (R, 1, T, T) additive (0 allowed, dtype min blocked)
     labels: torch.Tensor  # (R, M * n) int64 target of each appended position; IGNORE where none
     blocks: torch.Tensor  # (R, M, 2) int64: clean [a, b) of the image behind each slot; -1 for an empty slot
@@ -287,12 +287,13 @@ def choose_images(image_spans: np.ndarray, rows: int, per_row: int, rng: np.rand
 
 def build_dida_batch(layout: SequenceLayout, packed: Packed, noise: NoisePath, images_per_row: int,
                      seed: Sequence[int], hints: bool, device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float32) -> DidaBatch:
+                     dtype: torch.dtype = torch.float32, action_slots: int = 0) -> DidaBatch:
     """Append noisy copies of ``images_per_row`` images of every row (module docstring).
 
     ``seed`` (e.g. ``(dida.seed, batch index)``) fixes which images, their times and their noise,
     so a batch is a pure function of it. ``hints``: compute previous-frame hints (models with
-    ``frame_hints``): the block's are the clean positions' ``a - 1 .. b - 2``.
+    ``frame_hints``; ``action_slots``: their ``action_hints``): the block's are the clean positions'
+    ``a - 1 .. b - 2``.
     """
     if images_per_row < 1:
         raise ValueError(f"dida.images_per_row must be >= 1, got {images_per_row}")
@@ -305,7 +306,7 @@ def build_dida_batch(layout: SequenceLayout, packed: Packed, noise: NoisePath, i
     gen = seeded_generator(*seed, 1)
     blocks = torch.as_tensor(choose_images(packed.image_spans, R, M, rng))  # (R, M, 2)
     filled = blocks[..., 0] >= 0  # (R, M)
-    clean_hints = layout.frame_hints(tokens, doc_ids) if hints else None  # (R, L)
+    clean_hints = layout.frame_hints(tokens, doc_ids, action_slots) if hints else None  # (R, L[, C])
 
     offsets = torch.arange(n)  # (n,) block position j stands for clean position a - 1 + j
     src = (blocks[..., :1].clamp(min=1) - 1 + offsets).clamp(max=L - 1)  # (R, M, n) clean index a-1+j
@@ -328,8 +329,9 @@ def build_dida_batch(layout: SequenceLayout, packed: Packed, noise: NoisePath, i
 
     all_hints = None
     if clean_hints is not None:
-        block_hints = torch.where(empty, torch.full_like(block_in, -1), clean_hints[rows, src])
-        all_hints = torch.cat([clean_hints, block_hints.reshape(R, M * n)], 1).to(device)  # (R, T)
+        block_hints = clean_hints[rows, src]  # (R, M, n[, C])
+        block_hints = block_hints.masked_fill(empty.reshape(empty.shape + (1,) * (block_hints.dim() - 3)), -1)
+        all_hints = torch.cat([clean_hints, block_hints.reshape((R, M * n) + block_hints.shape[3:])], 1).to(device)
     mask = dida_attention_mask(doc_ids, torch.where(filled, blocks[..., 0], -1), n, dtype)
     return DidaBatch(
         tokens=torch.cat([tokens, block_in.reshape(R, M * n)], 1).to(device),

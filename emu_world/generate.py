@@ -132,12 +132,13 @@ class _Context:
             sot = self.model.layout_sot
             new_sots = [len(self.fed) + i for i, t in enumerate(self.pending) if t == sot]
             self.sots += new_sots
-            # the hints of the new positions depend only on the image they precede and the one
-            # before it: recompute them on the tail from the SOT before those (not the whole stream)
+            # the hints of the new positions depend only on the image they precede, the one before
+            # it and the action span between them: recompute them on the tail from the SOT before
+            # those (not the whole stream)
             m = len(new_sots) + 2
             start = self.sots[-m] if len(self.sots) >= m else 0
             tail = torch.tensor([self.fed[start:] + self.pending], dtype=torch.long, device=self.device)
-            hints = self.model.hints_for(tail)[:, -n:]  # (1, n)
+            hints = self.model.hints_for(tail)[:, -n:]  # (1, n[, C])
         ids = torch.tensor([self.pending], dtype=torch.long, device=self.device)  # (1, n)
         self.fed += self.pending
         self.pending = []

@@ -65,6 +65,8 @@ BINNER_FORMAT = "emu_world.action_binner"
 BINNER_VERSION = 1
 # Order fixes the ids: special id = text vocab size + index. The three kind tags stay last and
 # contiguous (the grammar allows "any kind tag" as one range).
+# channels of SequenceLayout.frame_hints(..., action_slots > 0): previous code, grid cell, action bins
+HINT_CODE, HINT_CELL, HINT_ACTIONS = 0, 1, 2
 SPECIAL_TOKENS = ("BOS", "EOS", "PAD", "SOV", "SOT", "EOV", "EOL", "EOF", "BOA", "EOA", "DYN", "PLAN", "EXPLORE")
 ACTION_RANGES = ("quantile", "minmax")
 
@@ -836,11 +838,18 @@ class SequenceLayout:
                       images.astype(np.int64).reshape(-1, 2), np.stack([ends, ends], axis=1).astype(np.int64),
                       np.zeros((0, 2), dtype=np.int64))
 
-    def frame_hints(self, tokens: "torch.Tensor", doc_ids: "torch.Tensor | None" = None) -> "torch.Tensor":
+    def frame_hints(self, tokens: "torch.Tensor", doc_ids: "torch.Tensor | None" = None,
+                    action_slots: int = 0) -> "torch.Tensor":
         """(B, L) ids -> (B, L) previous-frame hints: ``hints[b, i]`` is the code (0..K-1) that the
         previous image of the same document holds at the grid cell of token ``i + 1``, when token
         ``i + 1`` is (or, mid-generation, will be) a vision code of an image that has a previous
         image; -1 everywhere else.
+
+        ``action_slots > 0``: (B, L, 2 + action_slots) channels (:data:`HINT_CODE`, :data:`HINT_CELL`,
+        :data:`HINT_ACTIONS` onwards): the previous code as above; the grid cell (0..h*w-1, row-major)
+        of token ``i + 1`` when it is a code of any image; and the action bins (0..bins-1) of the
+        action span between the previous image (or the document start) and this image, left-aligned,
+        -1 past the span's end or where there is none. A span longer than ``action_slots`` is an error.
 
         A hint is what position ``i`` predicts from, so it is indexed like the inputs. It is a
         pure function of the ids up to ``i`` (an image's cells are fixed once its SOT is known),
@@ -851,19 +860,44 @@ class SequenceLayout:
         import torch
 
         B, L = tokens.shape
-        hints = torch.full((B, L), -1, dtype=torch.long, device=tokens.device)
+        slots = int(action_slots)
+        hints = torch.full((B, L, HINT_ACTIONS + slots) if slots else (B, L), -1, dtype=torch.long,
+                           device=tokens.device)
+        code = hints[..., HINT_CODE] if slots else hints  # a view: (B, L)
         offsets = torch.as_tensor(self.code_offsets + 1, device=tokens.device)  # (h*w,) code positions after SOT
+        cells = torch.arange(len(self.code_offsets), device=tokens.device)  # (h*w,)
         rows, cols = (tokens == self.sot).nonzero(as_tuple=True)  # SOTs in row-major order
         rows_l, cols_l = rows.tolist(), cols.tolist()
-        for k in range(1, len(rows_l)):
-            b, p, q = rows_l[k], cols_l[k], cols_l[k - 1]
-            if rows_l[k - 1] != b or (doc_ids is not None and int(doc_ids[b, q]) != int(doc_ids[b, p])):
-                continue
-            source = q + offsets  # (h*w,) codes of the previous image (complete: this SOT follows it)
+        boas = (tokens == self.boa).nonzero().tolist() if slots else []  # [(row, col)] in row-major order
+        for k in range(len(rows_l)):
+            b, p = rows_l[k], cols_l[k]
+            doc = int(doc_ids[b, p]) if doc_ids is not None else 0
+            q = cols_l[k - 1] if k > 0 and rows_l[k - 1] == b else -1  # the previous SOT of this row
+            if q >= 0 and doc_ids is not None and int(doc_ids[b, q]) != doc:
+                q = -1  # it belongs to another document
             target = p + offsets - 1  # the positions that predict this image's codes
-            keep = (target < L) & (source < L)
-            prev = tokens[b, source[keep]] - self.vision.start
-            hints[b, target[keep]] = torch.where((prev >= 0) & (prev < self.codebook_size), prev, -1)
+            if q >= 0:
+                source = q + offsets  # (h*w,) codes of the previous image (complete: this SOT follows it)
+                keep = (target < L) & (source < L)
+                prev = tokens[b, source[keep]] - self.vision.start
+                code[b, target[keep]] = torch.where((prev >= 0) & (prev < self.codebook_size), prev, -1)
+            if not slots:
+                continue
+            inside = target < L
+            hints[b, target[inside], HINT_CELL] = cells[inside]
+            span = [c for r, c in boas if r == b and q < c < p
+                    and (doc_ids is None or int(doc_ids[b, c]) == doc)]
+            if span:
+                start = span[-1] + 1
+                stop = start
+                while stop < p and self.action.start <= int(tokens[b, stop]) < self.action.stop:
+                    stop += 1
+                if stop - start > slots:
+                    raise ValueError(
+                        f"an action span of {stop - start} bins does not fit model.action_hints={slots}; "
+                        "raise model.action_hints to the longest span (actions_per_frame x action dim)")
+                bins = tokens[b, start:stop] - self.action.start  # (n,)
+                hints[b, target[inside], HINT_ACTIONS:HINT_ACTIONS + len(bins)] = bins
         return hints
 
     def _cut(self, s: Sample, max_len: int) -> list[tuple[int, int]]:

@@ -162,7 +162,8 @@ def train_step(model: WorldModel, opt: torch.optim.Optimizer, data: MixtureDatas
 
     def batch_loss(model: WorldModel, data: MixtureDataset, b: int) -> tuple[torch.Tensor, dict[str, float]]:
         packed = data.batch(b).packed  # (R, L)
-        batch = build_dida_batch(data.layout, packed, noise, stage.images_per_row, (stage.seed, TRAIN_KEY, b), hints)
+        batch = build_dida_batch(data.layout, packed, noise, stage.images_per_row, (stage.seed, TRAIN_KEY, b), hints,
+                                 action_slots=model.config.action_hints)
         return dida_loss(model, batch.to(model.device), stage.weight, data.layout)
 
     return world_model_train_step(model, opt, data, indices, loop, info, batch_loss, LOGGED)
@@ -181,7 +182,7 @@ def evaluate(model: WorldModel, heldout: MixtureDataset, num_batches: int, stage
     for b in range(num_batches):
         batch = heldout.batch(b)
         db = build_dida_batch(heldout.layout, batch.packed, noise, stage.images_per_row, (stage.seed, EVAL_KEY, b),
-                              hints).to(model.device)
+                              hints, action_slots=model.config.action_hints).to(model.device)
         logits = model.logits(db.tokens, position_ids=db.position_ids, attention_mask=db.attention_mask,
                               hints=db.hints)  # (R, T, V)
         metrics.update(logits[:, :db.clean_len], batch)

@@ -50,7 +50,7 @@ from emu_world.config import to_dataclass
 from emu_world.data.sequences import DataConfig, DatasetSpec, HeldoutMetrics, MixtureDataset
 from emu_world.data.tokenize import tokenize_dataset
 from emu_world.dida import NoiseConfig, NoisePath, seeded_generator
-from emu_world.layout import LayoutConfig, Packed, SequenceLayout
+from emu_world.layout import HINT_CODE, LayoutConfig, Packed, SequenceLayout
 from emu_world.tokenizer import ImageTokenizer, load_state_checked, load_tokenizer
 from emu_world.training import (
     DistInfo, FrameDataConfig, LoopConfig, MetricLogger, TrainResult, all_reduce_sum, average_gradients,
@@ -172,6 +172,9 @@ def checkpoint_modules(model: WorldModel) -> dict[str, nn.Module]:
         parts["lm_head"] = model.decoder.lm_head
     if model.hint_embed is not None:  # previous-frame hints (model.frame_hints) are trained weights too
         parts["hint_embed"] = model.hint_embed
+    if model.action_mlp is not None:  # and action hints (model.action_hints)
+        parts["cell_embed"] = model.cell_embed
+        parts["action_mlp"] = model.action_mlp
     return parts
 
 
@@ -218,8 +221,9 @@ def changed_code_weights(layout: SequenceLayout, tokens: torch.Tensor, hints: to
                          weights: torch.Tensor, factor: float) -> torch.Tensor:
     """(R, L) loss weights with those of the vision codes that differ from the previous image's code at
     the same cell (what moved) multiplied by ``factor``; ``hints`` are the tokens' previous-frame hints
-    (:meth:`SequenceLayout.frame_hints`: ``hints[:, i]`` is the previous code at the cell of ``i + 1``)."""
-    prev = hints[:, :-1]  # (R, L-1): the previous code at the cell of the target i + 1
+    (:meth:`SequenceLayout.frame_hints`: ``hints[:, i]`` is the previous code at the cell of ``i + 1``;
+    with action hints, channel :data:`~emu_world.layout.HINT_CODE` is)."""
+    prev = (hints[..., HINT_CODE] if hints.dim() == 3 else hints)[:, :-1]  # (R, L-1): previous code at i + 1
     moved = (prev >= 0) & (tokens[:, 1:] - layout.vision.start != prev)  # (R, L-1)
     out = weights.clone()
     out[:, 1:] = torch.where(moved, weights[:, 1:] * factor, weights[:, 1:])
@@ -245,7 +249,7 @@ def ar_batch_loss(model: WorldModel, data: MixtureDataset, b: int, input_noise: 
     tokens, doc_ids, weights = inputs["tokens"], inputs["doc_ids"], inputs["weights"]
     clean_hints = None
     if changed_weight != 1.0:
-        clean_hints = data.layout.frame_hints(tokens, doc_ids)  # (R, L), also the model's when reading clean
+        clean_hints = model.hints_for(tokens, doc_ids)  # (R, L[, C]), also the model's when reading clean
         weights = changed_code_weights(data.layout, tokens, clean_hints, weights, changed_weight)
     if input_noise > 0:
         noisy = corrupt_image_inputs(data.layout, packed, input_noise, seeded_generator(data.config.seed, b))

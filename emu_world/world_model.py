@@ -45,7 +45,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from emu_world.layout import Packed, Role, SequenceLayout
+from emu_world.layout import HINT_ACTIONS, HINT_CELL, HINT_CODE, Packed, Role, SequenceLayout
 
 FORMAT_NAME = "emu_world.world_model"
 FORMAT_VERSION = 1
@@ -82,6 +82,13 @@ class WorldModelConfig:
     # added to the token embedding). Copying what did not move then needs no learnt attention
     # pattern, so a small model spends its training on what moved. Needs the layout.
     frame_hints: bool = False
+    # Action hints (> 0, needs frame_hints): the input at every image code position also carries
+    # the grid cell it predicts (a learnt h*w x hidden embedding) and the bins of the action span
+    # before that image, read as values in [-1, 1] with a presence flag per slot, through a small
+    # MLP (2 * action_hints -> hidden -> hidden). Each code then sees the commanded arm state and
+    # where it sits in the frame without first gathering both by attention. The value is the most
+    # bins one action span holds (actions_per_frame x action dim: 14 for ALOHA at k=1).
+    action_hints: int = 0
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
@@ -107,6 +114,10 @@ class WorldModelConfig:
                 f"model.attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
                 f"got {self.attn_implementation!r}"
             )
+        if int(self.action_hints) < 0:
+            raise ValueError(f"model.action_hints must be >= 0 (0: off), got {self.action_hints}")
+        if self.action_hints and not self.frame_hints:
+            raise ValueError("model.action_hints needs model.frame_hints=true (they share the hint channels)")
         if not self.rope_theta > 0 or not self.rms_norm_eps > 0 or not self.initializer_range > 0:
             raise ValueError("model.rope_theta, model.rms_norm_eps and model.initializer_range must be > 0")
 
@@ -286,6 +297,18 @@ class WorldModel(nn.Module):
             nn.init.normal_(self.hint_embed.weight, std=config.initializer_range)
             with torch.no_grad():
                 self.hint_embed.weight[0].zero_()
+        self.cell_embed: nn.Embedding | None = None
+        self.action_mlp: nn.Sequential | None = None
+        if config.action_hints:
+            h, w = layout.grid
+            d, a = config.hidden_size, int(config.action_hints)
+            self.cell_embed = nn.Embedding(h * w + 1, d, padding_idx=0)  # row 0: not an image code
+            nn.init.normal_(self.cell_embed.weight, std=config.initializer_range)
+            with torch.no_grad():
+                self.cell_embed.weight[0].zero_()
+            self.action_mlp = nn.Sequential(nn.Linear(2 * a, d), nn.SiLU(), nn.Linear(d, d))
+            nn.init.zeros_(self.action_mlp[2].weight)  # starts as a constant per image position
+            nn.init.zeros_(self.action_mlp[2].bias)
 
     @property
     def vocab_size(self) -> int:
@@ -307,22 +330,34 @@ class WorldModel(nn.Module):
         return self._layout.sot if self._layout is not None else None
 
     def hints_for(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor | None:
-        """(B, L) previous-frame hints of a token row (None when the model takes none)."""
+        """Previous-frame hints of a (B, L) token row: (B, L), or (B, L, 2 + action_hints) with action
+        hints (:meth:`SequenceLayout.frame_hints`); None when the model takes none."""
         if self.hint_embed is None:
             return None
-        return self._layout.frame_hints(tokens, doc_ids)
+        return self._layout.frame_hints(tokens, doc_ids, int(self.config.action_hints))
 
     def _embed(self, tokens: torch.Tensor, hints: torch.Tensor | None) -> torch.Tensor:
         """(B, L) ids (+ hints) -> (B, L, hidden) input embeddings."""
         x = self.decoder.get_input_embeddings()(tokens)
         if self.hint_embed is None:
             return x
-        if hints is None or hints.shape != tokens.shape:
+        shape = tuple(tokens.shape) + ((HINT_ACTIONS + self.config.action_hints,) if self.config.action_hints else ())
+        if hints is None or tuple(hints.shape) != shape:
             raise ValueError(
-                "WorldModel: this model takes previous-frame hints (model.frame_hints=true); pass hints of "
-                f"the tokens' shape {tuple(tokens.shape)} (WorldModel.hints_for / SequenceLayout.frame_hints)"
+                "WorldModel: this model takes previous-frame hints (model.frame_hints=true"
+                f"{', model.action_hints' if self.config.action_hints else ''}); pass hints of shape {shape} "
+                "(WorldModel.hints_for)"
             )
-        return x + self.hint_embed(hints + 1)
+        if self.action_mlp is None:
+            return x + self.hint_embed(hints + 1)
+        x = x + self.hint_embed(hints[..., HINT_CODE] + 1)
+        cell = hints[..., HINT_CELL]  # (B, L) -1: not an image code position
+        bins = hints[..., HINT_ACTIONS:]  # (B, L, A) -1: no bin in that slot
+        present = (bins >= 0).to(x.dtype)
+        values = bins.clamp(min=0).to(x.dtype) / max(self._layout.config.action_bins - 1, 1) * 2 - 1
+        feats = torch.cat([values * present, present], dim=-1)  # (B, L, 2A)
+        at_code = (cell >= 0).unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+        return x + self.cell_embed(cell + 1) + self.action_mlp(feats) * at_code
 
     def logits(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

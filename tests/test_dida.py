@@ -205,14 +205,21 @@ def test_noise_path_keeps_clean_codes_at_t1_and_mixes_at_t0(path):
         assert abs(float(half) - (0.5 + 0.5 / K)) < 0.02  # linear schedule: kept with 0.5, else uniform
 
 
-def test_block_pass_equals_a_full_forward_with_the_training_mask(layout):
+@pytest.mark.parametrize("action_hints", [0, 6])
+def test_block_pass_equals_a_full_forward_with_the_training_mask(layout, action_hints):
     """The sampler's cached block pass sees exactly what training's noisy block sees."""
     torch.manual_seed(0)
-    model = WorldModel(WorldModelConfig.preset("tiny"), layout).eval()
+    model = WorldModel(WorldModelConfig.preset("tiny", action_hints=action_hints), layout).eval()
+    if action_hints:
+        with torch.no_grad():
+            torch.nn.init.normal_(model.action_mlp[2].weight, std=0.5)  # not the zero initial output
     rng = np.random.default_rng(0)
     sample = layout.dynamics(TASK, rng.integers(0, K, (2, *GRID)), rng.integers(0, 16, (4, A)))
     packed = layout.pack([sample], max_len=len(sample))
-    db = build_dida_batch(layout, packed, uniform_noise(layout), images_per_row=2, seed=(0, 0), hints=True)
+    db = build_dida_batch(layout, packed, uniform_noise(layout), images_per_row=2, seed=(0, 0), hints=True,
+                          action_slots=action_hints)
+    if action_hints:
+        assert db.hints.shape == db.tokens.shape + (2 + action_hints,)
     L, n = db.clean_len, db.block_len
     with torch.no_grad():
         full = model.logits(db.tokens, position_ids=db.position_ids, attention_mask=db.attention_mask,

@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 
 from emu_world.config import CONFIG_DIR, to_dataclass
 from emu_world.layout import (
-    SPECIAL_TOKENS, ActionBinner, LayoutConfig, LayoutError, Role, SampleKind, SequenceLayout,
+    HINT_ACTIONS, HINT_CELL, HINT_CODE, SPECIAL_TOKENS, ActionBinner, LayoutConfig, LayoutError, Role, SampleKind,
+    SequenceLayout,
 )
 from emu_world.text_tokenizer import load_text_tokenizer
 
@@ -502,3 +503,27 @@ def test_drop_conditioning_is_the_unconditional_stream(layout, kind):
     for a, b in u.action_spans:
         assert a == b and u.tokens[a - 1] == layout.boa and u.tokens[a] == layout.eoa
     np.testing.assert_array_equal(u.weights[u.roles == Role.VISION], s.weights[s.roles == Role.VISION])
+
+
+def test_action_hints_carry_the_cell_and_the_span_before_each_image(layout):
+    rng = np.random.default_rng(13)
+    s, frames, bins = dynamics_sample(layout, rng, n=3)
+    tokens = torch.as_tensor(s.tokens)[None]
+    k, slots = layout.config.actions_per_frame, 2 * layout.config.actions_per_frame * A
+    hints = layout.frame_hints(tokens, action_slots=slots)[0].numpy()  # (L, 2 + slots)
+    assert hints.shape == (len(s), HINT_ACTIONS + slots)
+    np.testing.assert_array_equal(hints[:, HINT_CODE], layout.frame_hints(tokens)[0].numpy())
+    cells = np.full(len(s), -1)
+    actions = np.full((len(s), slots), -1)
+    for i, (a, _) in enumerate(s.image_spans):
+        at = a + layout.code_offsets - 1  # position p predicts token p + 1
+        cells[at] = np.arange(len(at))
+        if i > 0:  # the span between image i - 1 and image i: the actions of frame step i - 1
+            actions[at, :k * A] = bins[(i - 1) * k:i * k].reshape(-1)
+    np.testing.assert_array_equal(hints[:, HINT_CELL], cells)
+    np.testing.assert_array_equal(hints[:, HINT_ACTIONS:], actions)
+    # a prefix cut inside the next image already has its cells and actions
+    cut = int(s.image_spans[2][0]) + 2
+    np.testing.assert_array_equal(layout.frame_hints(tokens[:, :cut], action_slots=slots)[0].numpy(), hints[:cut])
+    with pytest.raises(ValueError, match="raise model.action_hints"):
+        layout.frame_hints(tokens, action_slots=k * A - 1)

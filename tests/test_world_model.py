@@ -91,6 +91,10 @@ def test_config_errors_are_clear(layout):
         WorldModel(WorldModelConfig.preset("tiny", vocab_size=1000), layout)
     with pytest.raises(KeyError, match="available"):
         WorldModelConfig.preset("huge")
+    with pytest.raises(ValueError, match="action_hints needs model.frame_hints=true"):
+        WorldModelConfig(action_hints=6)
+    with pytest.raises(ValueError, match="action_hints must be >= 0"):
+        WorldModelConfig(frame_hints=True, action_hints=-1)
 
 
 def test_emu35_shape_on_the_meta_device():
@@ -255,3 +259,41 @@ def test_packed_sdpa_matches_the_block_mask_in_values_and_gradients(layout):
     assert grads_s.keys() == grads_m.keys() and len(grads_s) > 5
     for name in grads_s:
         torch.testing.assert_close(grads_s[name], grads_m[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------- action hints
+
+
+def action_hint_model(layout, seed=0):
+    """A tiny model with action hints whose action MLP is not at its (zero) initial output, so the
+    action path is exercised."""
+    model = tiny_model(layout, seed, action_hints=layout.config.actions_per_frame * A)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.action_mlp[2].weight, std=0.5)
+    return model
+
+
+def test_action_hints_reach_the_next_image_only_and_survive_a_round_trip(layout, tmp_path):
+    model = action_hint_model(layout, seed=4)
+    sample = samples(layout)[0]  # f0 BOA a EOA f1 BOA a EOA f2 ...
+    tokens = torch.as_tensor(sample.tokens)[None]
+    assert model.hints_for(tokens).shape == (1, len(sample), 2 + layout.config.actions_per_frame * A)
+    (s0, e0), (s1, _) = sample.action_spans[0], sample.image_spans[1]
+    changed = tokens.clone()
+    changed[0, s0] = layout.action.start + (int(tokens[0, s0]) - layout.action.start + 5) % 16  # one bin moves
+    with torch.no_grad():
+        before, after = model.logits(tokens), model.logits(changed)
+    torch.testing.assert_close(after[:, :s0], before[:, :s0], atol=0, rtol=0)  # causal
+    at = s1 + torch.as_tensor(layout.code_offsets) - 1  # positions predicting image 1's codes
+    other = model.logits(changed, hints=model.hints_for(tokens))  # same ids, the old hints
+    # the bin reaches image 1's predictions through the hints as well as through attention
+    assert not torch.allclose(after[0, at], other[0, at])
+    assert (after[0, at] - before[0, at]).abs().amax() > 1e-4
+
+    model.save(tmp_path / "wm")
+    again = WorldModel.load(tmp_path / "wm", layout).eval()
+    assert again.config.action_hints == model.config.action_hints
+    with torch.no_grad():
+        torch.testing.assert_close(again.logits(tokens), before, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"pass hints of shape"):
+        model.logits(tokens, hints=layout.frame_hints(tokens))  # 2-D hints for an action-hint model
