@@ -4,6 +4,7 @@
     python -m emu_world.bench dida checkpoint=outputs/train/dida/world_model steps=[1,2,4,8,16] default_steps=4
     python -m emu_world.bench dida tasks=[aloha_fold,widowx_pick_place] episodes=2 starts=4 threads=2
     python -m emu_world.bench dida update=confidence                  # MaskGIT-ordered variant
+    python -m emu_world.bench dida start=previous start_time=0.5      # warm start from the previous frame
 
 What is measured. Held-out episodes are recorded from the simulator exactly as
 :mod:`emu_world.bench_world_model` does (scripted expert, episode ``i`` reset with ``seed + i``,
@@ -62,11 +63,13 @@ def decoders(cfg: DictConfig, manifest: dict[str, Any], vision: Sampling) -> tup
     default_k = int(cfg.default_steps) if cfg.get("default_steps") is not None else defaults.steps
     update = cfg.get("update")  # a key, not DictConfig.update
     update = str(update) if update is not None else defaults.update
+    start = str(cfg.get("start") or defaults.start)
+    start_time = float(cfg.get("start_time") if cfg.get("start_time") is not None else defaults.start_time)
     ks = sorted({int(k) for k in cfg.steps} | {default_k})
     cfg_scale = cfg.get("cfg_scale")
     out = {"ar": FrameDecodingConfig("ar", vision, cfg_scale)}
     for k in ks:
-        out[f"K={k}"] = FrameDecodingConfig("dida", vision, cfg_scale, SamplerConfig(k, update))
+        out[f"K={k}"] = FrameDecodingConfig("dida", vision, cfg_scale, SamplerConfig(k, update, start, start_time))
     return out, default_k
 
 

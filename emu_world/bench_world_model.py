@@ -524,13 +524,16 @@ def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
 
 
 def frame_decoding_config(cfg: DictConfig, manifest: dict[str, Any], vision: Sampling) -> FrameDecodingConfig:
-    """``decoding`` (ar | dida) and ``dida.steps`` / ``dida.update`` (null: the export's defaults)."""
+    """``decoding`` (ar | dida) and ``dida.steps`` / ``update`` / ``start`` / ``start_time`` (null: the
+    export's defaults)."""
     defaults = export_sampler_config(manifest)
     dida = cfg.get("dida") or {}
     steps = dida.get("steps") if dida.get("steps") is not None else defaults.steps
     update = dida.get("update") if dida.get("update") is not None else defaults.update
+    start = dida.get("start") if dida.get("start") is not None else defaults.start
+    start_time = dida.get("start_time") if dida.get("start_time") is not None else defaults.start_time
     return FrameDecodingConfig(str(cfg.get("decoding", "ar")), vision, cfg.get("cfg_scale"),
-                               SamplerConfig(int(steps), str(update)))
+                               SamplerConfig(int(steps), str(update), str(start), float(start_time)))
 
 
 def print_table(summary: dict[str, Any]) -> None:

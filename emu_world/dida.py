@@ -38,10 +38,13 @@ are forced after the prompt); the prompt through the meta text is prefilled into
 once; then K passes of :meth:`~emu_world.world_model.WorldModel.refine_block` over the n-token
 block ``[SOT, x_a .. x_{b-2}]`` (positions ``p(a-1) .. p(b-2)``, full attention to the cache,
 bidirectional inside, the cache cropped back after each pass). EOLs are fixed by the layout;
-codes start uniformly random (seeded). Update rules (``sampler.update``):
+codes start uniformly random (seeded) at ``t_0 = 0``, or with ``sampler.start=previous`` from the
+previous image's codes (the frame hints) noised on the training path to ``t_0 = start_time``
+(SDEdit's warm start: in a video most of the next frame is the last one), the K steps then
+spanning ``t_0 .. 1``. Update rules (``sampler.update``):
 
 - ``renoise`` (default; the uniform-path analogue of DDIM's x0-prediction): at step k of K the
-  block is at time ``t_k = k / K``; the model's ``p(x0 | x_t)``, restricted to the vision codes,
+  block is at time ``t_k = t_0 + (1 - t_0) k / K``; the model's ``p(x0 | x_t)``, restricted to the vision codes,
   is sampled (temperature / top-k; temperature 0: argmax) for every code, then re-noised to
   ``t_{k+1}`` with the training path (each code kept with ``kappa(t_{k+1})``, otherwise a random
   code, or the metric draw); the last step returns the prediction itself.
@@ -82,12 +85,13 @@ import torch
 import torch.nn.functional as F
 
 from emu_world.generate import Generator, GenerationConfig, Sampling, unconditional_prefix
-from emu_world.layout import LayoutError, Packed, SequenceLayout
+from emu_world.layout import HINT_CODE, LayoutError, Packed, SequenceLayout
 from emu_world.world_model import WorldModel, document_mask, next_token_loss
 
 NOISE_PATHS = ("uniform", "metric")
 SCHEDULES = ("linear", "cosine")
 UPDATES = ("renoise", "confidence")
+STARTS = ("noise", "previous")
 DECODINGS = ("ar", "dida")
 IGNORE = -100  # label of an appended position that is not trained (EOL labels, empty slots)
 
@@ -121,13 +125,26 @@ class SamplerConfig:
 
     steps: int = 2  # K refinement passes (1..64); configs/train.yaml dida.sampler says why 2
     update: str = "renoise"  # renoise (x0-prediction, re-noised on the training path) | confidence (MaskGIT)
+    # noise: codes start uniformly random at t = 0. previous: from the previous image's codes
+    # (the model's frame hints) noised on the training path to t = start_time, then the K steps
+    # run from there to 1 (renoise only; an image without a previous one starts from noise)
+    start: str = "noise"
+    start_time: float = 0.5
 
     def __post_init__(self) -> None:
         if not 1 <= int(self.steps) <= 64:
             raise ValueError(f"dida sampler steps must be in 1..64, got {self.steps}")
         if self.update not in UPDATES:
             raise ValueError(f"dida sampler update must be one of {UPDATES}, got {self.update!r}")
+        if self.start not in STARTS:
+            raise ValueError(f"dida sampler start must be one of {STARTS}, got {self.start!r}")
+        if self.start == "previous" and self.update != "renoise":
+            raise ValueError("dida sampler start=previous needs update=renoise (the confidence rule re-draws "
+                             "every undecided code at random)")
+        if not 0.0 <= float(self.start_time) < 1.0:
+            raise ValueError(f"dida sampler start_time must be in [0, 1), got {self.start_time}")
         self.steps = int(self.steps)
+        self.start_time = float(self.start_time)
 
 
 @dataclass
@@ -455,6 +472,15 @@ class _BlockContext:
         """(1, n) block -> (1, n, V) logits; the cache keeps only the prompt."""
         return self.model.refine_block(block, self.cache, self.block_hints)
 
+    def previous_codes(self, logit_of_code: torch.Tensor) -> torch.Tensor | None:
+        """(hw,) the previous image's code at each cell (from the hints), or None when the model
+        takes no hints or this image has no previous one."""
+        if self.block_hints is None:
+            return None
+        hints = self.block_hints[0, logit_of_code]  # (hw[, C])
+        prev = (hints[:, HINT_CODE] if hints.dim() == 2 else hints).cpu()
+        return prev if bool((prev >= 0).all()) else None
+
 
 class DidaSampler:
     """Parallel decoding of the next image (module docstring: update rules, guidance, passes)."""
@@ -484,7 +510,7 @@ class DidaSampler:
                uncond_prefix: Sequence[int] | None = None) -> DidaFrame:
         """The next image after ``prefix`` in ``steps`` (default ``config.steps``) refinement passes."""
         K = int(steps) if steps is not None else self.config.steps
-        SamplerConfig(K, self.config.update)  # range check
+        replace(self.config, steps=K)  # range check
         was_training = self.model.training
         self.model.eval()
         try:
@@ -514,6 +540,15 @@ class DidaSampler:
         passes = len(contexts)
         hw, Kc = len(L.code_offsets), L.codebook_size
         codes = torch.randint(0, Kc, (hw,), generator=gen)  # t_0 = 0: pure noise
+        t0 = 0.0
+        if self.config.start == "previous":
+            if self.model.hint_embed is None:
+                raise ValueError("dida sampler start=previous reads the previous image from the model's frame hints; "
+                                 "this model has none (model.frame_hints=false): use start=noise")
+            prev = contexts[0].previous_codes(self.logit_of_code)
+            if prev is not None:  # SDEdit-like: the previous image, noised to t0, is the starting block
+                t0 = self.config.start_time
+                codes = self.noise.sample(prev, t0, gen)
         fixed = torch.zeros(hw, dtype=torch.bool)  # confidence rule: codes decided for good
         for k in range(K):
             block = self._block(codes, device)
@@ -524,7 +559,7 @@ class DidaSampler:
             if k == K - 1:
                 codes = torch.where(fixed, codes, pred)
             elif self.config.update == "renoise":
-                codes = self.noise.sample(pred, (k + 1) / K, gen)  # back to time t_{k+1}
+                codes = self.noise.sample(pred, t0 + (1.0 - t0) * (k + 1) / K, gen)  # back to time t_{k+1}
             else:
                 target = math.ceil(hw * (1.0 - math.cos(0.5 * math.pi * (k + 1) / K)))
                 free = (~fixed).nonzero()[:, 0]  # (f,)

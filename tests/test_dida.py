@@ -290,6 +290,53 @@ def test_generated_streams_parse(layout, kind, update):
         image_head(layout, after_image)
 
 
+class RecordingNoise(NoisePath):
+    """The uniform path, recording the time of every draw."""
+
+    def __init__(self, layout: SequenceLayout):
+        super().__init__(NoiseConfig("uniform", "linear"), layout.codebook_size)
+        self.times: list[float] = []
+
+    def sample(self, clean, t, gen):
+        self.times.append(float(t))
+        return super().sample(clean, t, gen)
+
+
+def test_warm_start_begins_from_the_previous_image_and_runs_t0_to_one(layout):
+    prefix = prompts(layout)[SampleKind.DYNAMICS]  # ... f0 BOA a EOA f1 BOA a EOA: f2 follows f1
+    previous = torch.as_tensor(layout.parse(prefix, complete=False, action_dim=A).frames[-1].reshape(-1))
+    model = scripted(layout, seed=2)
+    model.hint_embed = True  # the sampler reads frame hints from hints_for, as for a real model
+    model.hints_for = lambda tokens, doc_ids=None: layout.frame_hints(tokens, doc_ids)
+    where = torch.as_tensor(layout.code_offsets + 1)  # block positions of the codes
+    for t0, steps in ((0.9999, 1), (0.5, 2)):
+        noise, model.blocks = RecordingNoise(layout), []
+        sampler = DidaSampler(model, layout, noise, SamplerConfig(steps, "renoise", "previous", t0), Sampling(0.0))
+        frame = sampler.sample(prefix, seed=0)
+        assert frame.forward_passes == steps + 1
+        assert noise.times == pytest.approx([t0 + (1 - t0) * k / steps for k in range(steps)])
+        first = model.blocks[0][where] - layout.vision.start
+        if t0 > 0.999:  # nothing re-drawn: the first block is the previous image
+            assert torch.equal(first, previous)
+        else:  # about half kept at t0 = 0.5
+            assert 0.2 < float((first == previous).float().mean()) < 0.8
+    # an image without a previous one (a plan's observation) starts from noise at t = 0
+    plan = layout.plan(TASK, np.zeros(GRID, dtype=np.int64), [], [], end=False)
+    first_image = plan.tokens[:int(plan.image_spans[0][0]) - len(layout.meta_ids) - 2]  # BOS PLAN task
+    noise = RecordingNoise(layout)
+    DidaSampler(model, layout, noise, SamplerConfig(2, "renoise", "previous"), Sampling(0.0)).sample(
+        first_image, seed=0)
+    assert noise.times == [0.5]  # only the re-noise to t_1 = 1/2
+    with pytest.raises(ValueError, match="has none"):
+        DidaSampler(scripted(layout), layout, uniform_noise(layout), SamplerConfig(2, start="previous")).sample(prefix)
+    with pytest.raises(ValueError, match="needs update=renoise"):
+        SamplerConfig(2, "confidence", "previous")
+    with pytest.raises(ValueError, match="start_time must be in"):
+        SamplerConfig(2, start="previous", start_time=1.0)
+    with pytest.raises(ValueError, match="start must be one of"):
+        SamplerConfig(2, start="last")
+
+
 def test_confidence_update_commits_codes_on_the_cosine_schedule(layout):
     model = scripted(layout, seed=5)
     steps, hw = 4, GRID[0] * GRID[1]
