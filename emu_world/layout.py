@@ -65,10 +65,10 @@ BINNER_FORMAT = "emu_world.action_binner"
 BINNER_VERSION = 1
 # Order fixes the ids: special id = text vocab size + index. The three kind tags stay last and
 # contiguous (the grammar allows "any kind tag" as one range).
-# channels of SequenceLayout.frame_hints(..., action_slots > 0): previous code, grid cell, action bins
-HINT_CODE, HINT_CELL, HINT_ACTIONS = 0, 1, 2
 SPECIAL_TOKENS = ("BOS", "EOS", "PAD", "SOV", "SOT", "EOV", "EOL", "EOF", "BOA", "EOA", "DYN", "PLAN", "EXPLORE")
 ACTION_RANGES = ("quantile", "minmax")
+# channels of SequenceLayout.frame_hints(..., action_slots > 0): previous code, grid cell, action bins
+HINT_CODE, HINT_CELL, HINT_ACTIONS = 0, 1, 2
 
 
 @dataclass
