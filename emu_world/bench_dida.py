@@ -146,7 +146,8 @@ def bench_dida(cfg: DictConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "benchmark": "dida", "checkpoint": str(checkpoint), "tokenizer": tokenizer.identity(),
         "dida_adapted": bool(ex.manifest.get("dida")), "headline_task": head, "default_steps": default_k,
-        "update": methods[f"K={default_k}"].dida.update,
+        "update": methods[f"K={default_k}"].dida.update, "start": methods[f"K={default_k}"].dida.start,
+        "start_time": methods[f"K={default_k}"].dida.start_time,
         "speedup_vs_ar": d["speedup_vs_ar"],
         "psnr_gap_db": round(ar[f"psnr_{horizons[0]}"] - d[f"psnr_{horizons[0]}"], 4),
         **{f"psnr_gap_db_{h}": round(ar[f"psnr_{h}"] - d[f"psnr_{h}"], 4) for h in horizons},
@@ -191,6 +192,7 @@ def record_quality(checkpoint: Path, summary: dict[str, Any]) -> None:
         "code_version": code_version(), "seed": summary["seed"], "episodes": summary["episodes"],
         "starts": summary["starts"], "threads": summary["threads"], "decoding": summary["decoding"],
         "ar": entry(sweep["ar"]), "dida": {"steps": summary["default_steps"], "update": summary["update"],
+                                            "start": summary["start"], "start_time": summary["start_time"],
                                             **entry(sweep[f"K={summary['default_steps']}"])},
         **{f"ceiling_psnr_{h}": summary[f"ceiling_psnr_{h}"] for h in hs},
         **{f"copy_last_psnr_{h}": summary[f"copy_last_psnr_{h}"] for h in hs},
@@ -215,7 +217,8 @@ def print_table(summary: dict[str, Any]) -> None:
     lines.append(
         f"{summary['headline_task']}: ceiling " + ", ".join(f"+{h} {summary[f'ceiling_psnr_{h}']:.2f}" for h in hs)
         + " dB; copy-last " + ", ".join(f"+{h} {summary[f'copy_last_psnr_{h}']:.2f}" for h in hs)
-        + f" dB. Default K={summary['default_steps']} ({summary['update']}): {summary['speedup_vs_ar']}x faster than "
+        + f" dB. Default K={summary['default_steps']} ({summary['update']}, start={summary['start']}): "
+        f"{summary['speedup_vs_ar']}x faster than "
         f"AR, PSNR gap {summary['psnr_gap_db']:+.2f} dB (AR minus DiDA); {summary['decoding']}, "
         f"{summary['threads']} threads, {summary['tokens_per_frame']} tokens/frame"
         + ("" if summary["dida_adapted"] else "; NOTE: this export was not DiDA-adapted (train stage=dida)"))

@@ -125,10 +125,11 @@ class SamplerConfig:
 
     steps: int = 2  # K refinement passes (1..64); configs/train.yaml dida.sampler says why 2
     update: str = "renoise"  # renoise (x0-prediction, re-noised on the training path) | confidence (MaskGIT)
-    # noise: codes start uniformly random at t = 0. previous: from the previous image's codes
-    # (the model's frame hints) noised on the training path to t = start_time, then the K steps
-    # run from there to 1 (renoise only; an image without a previous one starts from noise)
-    start: str = "noise"
+    # previous: from the previous image's codes (read from the model's frame hints) noised on the
+    # training path to t = start_time, the K steps then running from there to 1. An image without
+    # a previous one, a model without frame hints and the confidence rule (which re-draws every
+    # undecided code at random) start from noise. noise: codes start uniformly random at t = 0.
+    start: str = "previous"
     start_time: float = 0.5
 
     def __post_init__(self) -> None:
@@ -138,9 +139,6 @@ class SamplerConfig:
             raise ValueError(f"dida sampler update must be one of {UPDATES}, got {self.update!r}")
         if self.start not in STARTS:
             raise ValueError(f"dida sampler start must be one of {STARTS}, got {self.start!r}")
-        if self.start == "previous" and self.update != "renoise":
-            raise ValueError("dida sampler start=previous needs update=renoise (the confidence rule re-draws "
-                             "every undecided code at random)")
         if not 0.0 <= float(self.start_time) < 1.0:
             raise ValueError(f"dida sampler start_time must be in [0, 1), got {self.start_time}")
         self.steps = int(self.steps)
@@ -541,11 +539,8 @@ class DidaSampler:
         hw, Kc = len(L.code_offsets), L.codebook_size
         codes = torch.randint(0, Kc, (hw,), generator=gen)  # t_0 = 0: pure noise
         t0 = 0.0
-        if self.config.start == "previous":
-            if self.model.hint_embed is None:
-                raise ValueError("dida sampler start=previous reads the previous image from the model's frame hints; "
-                                 "this model has none (model.frame_hints=false): use start=noise")
-            prev = contexts[0].previous_codes(self.logit_of_code)
+        if self.config.start == "previous" and self.config.update == "renoise":
+            prev = contexts[0].previous_codes(self.logit_of_code)  # None: no hints or no previous image
             if prev is not None:  # SDEdit-like: the previous image, noised to t0, is the starting block
                 t0 = self.config.start_time
                 codes = self.noise.sample(prev, t0, gen)
@@ -643,6 +638,10 @@ def export_noise_path(manifest: dict[str, Any], layout: SequenceLayout, tokenize
 
 
 def export_sampler_config(manifest: dict[str, Any]) -> SamplerConfig:
-    """The sampler defaults a DiDA export records (``manifest["dida"]["sampler"]``), else the defaults."""
+    """The sampler defaults a DiDA export records (``manifest["dida"]["sampler"]``), else the defaults
+    (an entry without ``start`` predates it: ``start=noise``)."""
     entry = (manifest.get("dida") or {}).get("sampler")
-    return SamplerConfig(**entry) if entry else SamplerConfig()
+    if not entry:
+        return SamplerConfig()
+    # exports recorded before sampler.start existed were adapted and measured starting from noise
+    return SamplerConfig(**{"start": "noise", **entry})

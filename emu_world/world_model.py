@@ -156,14 +156,15 @@ class WorldModelConfig:
 
 
 PRESETS: dict[str, WorldModelConfig] = {
-    # tests: ~19k decoder parameters + a V x 32 tied embedding (34k in all with the tests' layout, 76k
-    # with the default one)
+    # tests: ~19k decoder parameters + a V x 32 tied embedding + the hint, cell and action-hint
+    # weights (~38k in all with the tests' layout, ~120k with the default one)
     "tiny": WorldModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
-                             max_position_embeddings=1024, frame_hints=True),
+                             max_position_embeddings=1024, frame_hints=True, action_hints=28),
     # the CPU default (shared/FACTS.md "Compute": 6 layers, width 256, GQA 8/2): ~4.5M decoder
-    # parameters + 0.46M tied embedding with the default layout (V=1792)
+    # parameters + 0.46M tied embedding with the default layout (V=1792) + 0.40M hint, cell and
+    # action-hint weights: 5.39M
     "small": WorldModelConfig(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=2, intermediate_size=768,
-                              max_position_embeddings=4096, frame_hints=True),
+                              max_position_embeddings=4096, frame_hints=True, action_hints=14),
     # The real Emu3.5 shape, for the meta device only (~34.1B parameters). Emu3.5 is initialised
     # from Qwen3 and its transformer is the Qwen3-32B shape: 64 layers, hidden 5120, 64 query heads
     # of dim 128 (so heads*dim = 8192 != hidden), 8 KV heads, SwiGLU 25600, untied head. Vocabulary

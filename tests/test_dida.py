@@ -26,7 +26,7 @@ from emu_world.bench_dida import decoders
 from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
 from emu_world.dida import (
     IGNORE, DidaSampler, FrameDecodingConfig, NoiseConfig, NoisePath, SamplerConfig, build_dida_batch,
-    frame_predictor, image_head,
+    export_sampler_config, frame_predictor, image_head,
 )
 from emu_world.generate import Sampling
 from emu_world.layout import LayoutConfig, LayoutError, SampleKind, SequenceLayout
@@ -327,10 +327,12 @@ def test_warm_start_begins_from_the_previous_image_and_runs_t0_to_one(layout):
     DidaSampler(model, layout, noise, SamplerConfig(2, "renoise", "previous"), Sampling(0.0)).sample(
         first_image, seed=0)
     assert noise.times == [0.5]  # only the re-noise to t_1 = 1/2
-    with pytest.raises(ValueError, match="has none"):
-        DidaSampler(scripted(layout), layout, uniform_noise(layout), SamplerConfig(2, start="previous")).sample(prefix)
-    with pytest.raises(ValueError, match="needs update=renoise"):
-        SamplerConfig(2, "confidence", "previous")
+    # so does a model without frame hints
+    noise = RecordingNoise(layout)
+    DidaSampler(scripted(layout), layout, noise, SamplerConfig(2, start="previous")).sample(prefix)
+    assert noise.times == [0.5]
+    assert export_sampler_config({"dida": {"sampler": {"steps": 2, "update": "renoise"}}}).start == "noise"  # older
+    assert export_sampler_config({}).start == "previous"
     with pytest.raises(ValueError, match="start_time must be in"):
         SamplerConfig(2, start="previous", start_time=1.0)
     with pytest.raises(ValueError, match="start must be one of"):
