@@ -606,7 +606,8 @@ class DidaFramePredictor:
 
     def __init__(self, sampler: DidaSampler):
         self.sampler = sampler
-        self.name = f"dida K={sampler.config.steps} ({sampler.config.update})"
+        c = sampler.config
+        self.name = f"dida K={c.steps} ({c.update}, start={c.start})"
 
     def __call__(self, prefix: Sequence[int], seed: int = 0) -> FramePrediction:
         out = self.sampler.sample(prefix, seed=seed)
