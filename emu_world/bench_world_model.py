@@ -512,7 +512,7 @@ def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
         "parameters": ex.model.num_parameters(), "threads": torch.get_num_threads(),
         "decoding": "greedy" if vision.temperature == 0 else f"temperature {vision.temperature}, top-k {vision.top_k}",
         "frame_decoding": "ar" if decoding.decoding == "ar" else
-        f"dida K={decoding.dida.steps} ({decoding.dida.update})",
+        f"dida K={decoding.dida.steps} ({decoding.dida.update}, start={decoding.dida.start})",
         "context_frames": int(cfg.context_frames), "horizons": horizons, "seed": int(cfg.seed),
         "episodes": int(cfg.episodes), "starts": int(cfg.starts), "per_task": per_task,
     }
