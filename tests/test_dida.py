@@ -500,9 +500,10 @@ def test_benchmarks_run_on_the_adapted_export(world, tmp_path):
     assert json.loads((tmp_path / "dida" / "bench.json").read_text())["speedup_vs_ar"] == summary["speedup_vs_ar"]
     quality = json.loads((Path(export) / "manifest.json").read_text())["quality"]  # record=true
     assert quality["task"] == "widowx_pick_place" and quality["dida"]["steps"] == 2
+    assert quality["dida"]["start"] == "previous"  # the adaptation recorded configs/train.yaml's sampler
     assert quality["ar"]["psnr_1"] == summary["sweep"]["ar"]["psnr_1"]
     assert quality["dida"]["psnr_2"] == summary["sweep"]["K=2"]["psnr_2"] and "bench" in quality["command"]
-    assert wm_summary["frame_decoding"] == "dida K=2 (renoise)" and np.isfinite(wm_summary["psnr_1"])
+    assert wm_summary["frame_decoding"] == "dida K=2 (renoise, start=previous)" and np.isfinite(wm_summary["psnr_1"])
     assert Path(wm_summary["picture"]).name == "strip.png" and Path(wm_summary["picture"]).is_file()
 
 
