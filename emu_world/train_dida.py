@@ -60,7 +60,7 @@ from emu_world.training import (
     DistInfo, LoopConfig, MetricLogger, TrainResult, cosine_lr, init_distributed,
     check_export_dtype, load_checkpoint, save_checkpoint, set_lr, teardown_distributed,
 )
-from emu_world.world_model import WorldModel
+from emu_world.world_model import WORLD_MODEL_EXPORT_DTYPES, WorldModel
 
 LOGGED = ("loss", "ar/loss", "ce/vision", "ce/text", "ce/action", "ce/structure", "dida/ce", "dida/acc")
 TRAIN_KEY, EVAL_KEY = 0, 1  # the noisy copies of training batch b use seed (dida.seed, 0, b), held-out (.., 1, b)
@@ -79,10 +79,10 @@ class DidaStageConfig:
     tokenize: bool = True  # fill missing token-cache entries first
     eval_batches: int = 8  # held-out mixture batches per evaluation
     export_dir: str | None = None  # None: <run_dir>/world_model
-    export_dtype: str = "float16"  # weights of the export (training stays float32)
+    export_dtype: str = "float16"  # weights of the export: float16 | bfloat16 | float32 | int8 (training stays float32)
 
     def __post_init__(self) -> None:
-        check_export_dtype(self.export_dtype, "dida.export_dtype")
+        check_export_dtype(self.export_dtype, "dida.export_dtype", WORLD_MODEL_EXPORT_DTYPES)
         if isinstance(self.noise, dict):
             self.noise = NoiseConfig(**self.noise)
         if isinstance(self.sampler, dict):

@@ -58,7 +58,7 @@ from emu_world.training import (
     load_checkpoint,
     place_model, read_checkpoint_meta, resolve_roots, save_checkpoint, set_lr, teardown_distributed,
 )
-from emu_world.world_model import WorldModel, WorldModelConfig, next_token_loss
+from emu_world.world_model import WORLD_MODEL_EXPORT_DTYPES, WorldModel, WorldModelConfig, next_token_loss
 
 LOGGED = ("loss", "ce/vision", "ce/text", "ce/action", "ce/structure")  # averaged over micro-batches and ranks
 RESUME_IGNORED = {"resume", "overwrite", "train.stop_after", "train.log_every", "train.eval_every",
@@ -74,12 +74,12 @@ class WorldModelStageConfig:
     tokenize: bool = True  # fill missing token-cache entries first (False: only check, fail with the command)
     eval_batches: int = 8  # held-out mixture batches per evaluation (the same ones every time)
     export_dir: str | None = None  # None: <run_dir>/world_model
-    export_dtype: str = "float16"  # weights of the export (training and its checkpoints stay float32)
+    export_dtype: str = "float16"  # weights of the export: float16 | bfloat16 | float32 | int8 (training stays float32)
     input_noise: float = 0.0  # max fraction of an image's code inputs replaced by random codes (targets clean)
     changed_weight: float = 1.0  # loss-weight factor of the codes that differ from the previous image's
 
     def __post_init__(self) -> None:
-        check_export_dtype(self.export_dtype, "world_model.export_dtype")
+        check_export_dtype(self.export_dtype, "world_model.export_dtype", WORLD_MODEL_EXPORT_DTYPES)
         if not 0.0 <= float(self.input_noise) < 1.0:
             raise ValueError(f"world_model.input_noise must be in [0, 1) (the largest fraction of an image's codes "
                              f"replaced in the model's input), got {self.input_noise}")

@@ -131,10 +131,10 @@ def resolve_roots(roots: list[Path]) -> list[Path]:
 EXPORT_DTYPES = ("float16", "bfloat16", "float32")
 
 
-def check_export_dtype(dtype: str, key: str) -> None:
-    """Exports store weights in one of :data:`EXPORT_DTYPES` (``key``: the setting, for the message)."""
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"{key} must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+def check_export_dtype(dtype: str, key: str, allowed: tuple[str, ...] = EXPORT_DTYPES) -> None:
+    """Exports store weights in one of ``allowed`` (``key``: the setting, for the message)."""
+    if dtype not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {dtype!r}")
 
 
 def autocast(precision: str, device: str = "cpu") -> torch.autocast:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import AttentionInterface, Qwen3Config, Qwen3ForCausalLM
 from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -278,6 +278,74 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, weights: torch.T
     return loss, logs
 
 
+WORLD_MODEL_EXPORT_DTYPES = ("float16", "bfloat16", "float32", "int8")  # world_model/dida.export_dtype
+INT8_SCHEME = "per-row symmetric int8 (matrices; a float16 scale per row in '<name>.scale'), float16 vectors"
+SCALE_SUFFIX = ".scale"
+
+
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict on the CPU with each shared tensor once (a tied head keeps the
+    embedding's name), as safetensors requires."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().cpu()
+    return out
+
+
+def quantize_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weight-only int8 of a float state dict: every floating tensor of 2+ dimensions becomes int8
+    ``round(w / s)`` with ``s = max|w_row| / 127`` per row (dim 0) stored as ``<name>.scale``
+    (float16); 1-D tensors (norms, biases) are stored as float16, integer tensors as they are."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if name.endswith(SCALE_SUFFIX):
+            raise ValueError(f"quantize_int8: the state dict already has a tensor named {name!r}")
+        if not t.is_floating_point():
+            out[name] = t.contiguous()
+        elif t.dim() < 2:
+            out[name] = t.to(torch.float16).contiguous()
+        else:
+            w = t.float().reshape(t.shape[0], -1)
+            scale = (w.abs().amax(dim=1) / 127.0).to(torch.float16).float()  # the scale as stored
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            q = (w / safe[:, None]).round().clamp(-127, 127).to(torch.int8)
+            out[name] = q.reshape(t.shape).contiguous()
+            out[name + SCALE_SUFFIX] = scale.to(torch.float16).contiguous()
+    return out
+
+
+def dequantize_int8(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The float32 state dict of :func:`quantize_int8`'s output."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in stored.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        scale = stored.get(name + SCALE_SUFFIX)
+        if t.dtype == torch.int8:
+            if scale is None:
+                raise ValueError(f"int8 weights: {name!r} has no {name + SCALE_SUFFIX!r}; the file is not an int8 export")
+            out[name] = (t.float().reshape(t.shape[0], -1) * scale.float()[:, None]).reshape(t.shape)
+        else:
+            out[name] = t.float() if t.is_floating_point() else t
+    return out
+
+
+def load_unique_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load a :func:`unique_state`-style dict: keys the file lacks must be tied to one it has."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    storage = {t.untyped_storage().data_ptr() for n, t in own.items() if n in state}
+    untied = [n for n in missing if own[n].untyped_storage().data_ptr() not in storage]
+    if untied or unexpected:
+        raise ValueError(f"{source}: the weights do not match the model (missing {untied}, unexpected {unexpected}); "
+                         "was it written for another model config?")
+
+
 class WorldModel(nn.Module):
     """``Qwen3ForCausalLM`` over the layout's vocabulary, with the layout's loss and packing."""
 
@@ -459,15 +527,20 @@ class WorldModel(nn.Module):
     def save(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
         """Write ``model.safetensors`` + ``config.json`` (config and layout spec) into ``directory``.
 
-        ``dtype`` rounds the stored weights (e.g. float16 halves the file); :meth:`load` always
-        builds a float32 model from them."""
+        ``dtype`` rounds the stored weights (e.g. float16 halves the file); ``torch.int8`` stores every
+        matrix as int8 with one float16 scale per row (:func:`quantize_int8`, a quarter of float32)
+        and the vectors as float16. :meth:`load` always builds a float32 model from them."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": asdict(self.config),
                 "layout_spec": self.layout_spec, "dtype": str(dtype).removeprefix("torch.")}
-        on_cpu = self.device.type == "cpu"
-        stored = self if dtype == torch.float32 and on_cpu else copy.deepcopy(self).to("cpu", dtype)
-        save_model(stored, str(directory / WEIGHTS_FILE))  # handles the tied head
+        if dtype == torch.int8:
+            meta["quantization"] = INT8_SCHEME
+            save_file(quantize_int8(unique_state(self)), str(directory / WEIGHTS_FILE))
+        else:
+            on_cpu = self.device.type == "cpu"
+            stored = self if dtype == torch.float32 and on_cpu else copy.deepcopy(self).to("cpu", dtype)
+            save_model(stored, str(directory / WEIGHTS_FILE))  # handles the tied head
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
         return directory
 
@@ -499,5 +572,8 @@ class WorldModel(nn.Module):
                 "config the checkpoint was trained with, or retrain the world model for this layout."
             )
         model = cls(WorldModelConfig(**meta["config"]), layout)
-        load_model(model, str(directory / WEIGHTS_FILE))
+        if meta.get("dtype") == "int8":
+            load_unique_state(model, dequantize_int8(load_file(str(directory / WEIGHTS_FILE))), directory)
+        else:
+            load_model(model, str(directory / WEIGHTS_FILE))
         return model.to(device)

@@ -224,6 +224,52 @@ def test_save_load_round_trip_and_layout_mismatch(layout, tmp_path):
 
 
 
+def test_int8_export_rounds_each_row_and_loads_as_float32(layout, tmp_path):
+    """world_model.export_dtype=int8: matrices as int8 with a float16 scale per row, vectors float16;
+    the load dequantizes into a float32 model (tie kept) whose logits stay close to the original's."""
+    from safetensors.torch import load_file
+
+    from emu_world.world_model import dequantize_int8, quantize_int8
+
+    model = tiny_model(layout, seed=3)
+    with torch.no_grad():  # the zero-initialised last action layer, randomised so that it is exercised
+        model.action_mlp[2].weight.normal_(std=0.02)
+    model.save(tmp_path / "wm")
+    model.save(tmp_path / "wm8", dtype=torch.int8)
+    meta = json.loads((tmp_path / "wm8" / "config.json").read_text())
+    assert meta["dtype"] == "int8" and "per-row" in meta["quantization"]
+    stored = load_file(str(tmp_path / "wm8" / "model.safetensors"))
+    embed = "decoder.model.embed_tokens.weight"
+    assert stored[embed].dtype == torch.int8 and stored[embed + ".scale"].shape == (layout.vocab_size,)
+    assert "decoder.lm_head.weight" not in stored  # the tied head is stored once
+    assert stored["decoder.model.norm.weight"].dtype == torch.float16
+
+    q = WorldModel.load(tmp_path / "wm8", layout).eval()
+    assert q.decoder.lm_head.weight is q.decoder.model.embed_tokens.weight
+    assert all(p.dtype == torch.float32 for p in q.parameters())
+    for name, p in model.state_dict().items():  # every weight within half a step of its row's scale
+        got = q.state_dict()[name]
+        if p.dim() >= 2:
+            step = p.reshape(p.shape[0], -1).abs().amax(1).half().float() / 127
+            err = (got - p).reshape(p.shape[0], -1).abs().amax(1)
+            assert (err <= step * 0.5 + 1e-3 * step + 1e-8).all(), name
+        else:
+            torch.testing.assert_close(got, p.half().float(), atol=0, rtol=0, msg=name)
+    tokens = torch.as_tensor(samples(layout)[1].tokens)[None]
+    with torch.no_grad():
+        a, b = model.logits(tokens), q.logits(tokens)
+    assert not torch.equal(a, b)  # rounded ...
+    assert (a - b).abs().max() < 0.05 * a.abs().max()  # ... but close
+    size = {d: (tmp_path / d / "model.safetensors").stat().st_size for d in ("wm", "wm8")}
+    assert size["wm8"] < 0.3 * size["wm"], size
+
+    zero = {"w": torch.zeros(3, 4), "v": torch.ones(2), "i": torch.arange(3)}  # an all-zero row is exact
+    back = dequantize_int8(quantize_int8(zero))
+    assert torch.equal(back["w"], zero["w"]) and torch.equal(back["i"], zero["i"])
+    with pytest.raises(ValueError, match="not an int8 export"):
+        dequantize_int8({"w": torch.zeros(2, 2, dtype=torch.int8)})
+
+
 def test_packed_sdpa_matches_the_block_mask_in_values_and_gradients(layout):
     """model.attn_implementation=sdpa runs one causal call per packed document; the same rows
     through the 4-D block-diagonal mask give the same logits and the same gradients."""
