@@ -44,7 +44,8 @@ frames. :mod:`emu_world.bench_dida` reuses the recording, rollouts and metrics t
 JSON keys. The headline keys (``psnr_<h>``, ``ssim_<h>``, ``token_acc_<h>``, ``copy_last_psnr_<h>``,
 ``copy_last_ssim_<h>``, ``copy_last_token_acc_<h>`` (the codes that did not change: what copying
 scores on ``token_acc``), ``static_token_acc_<h>``, ``changed_token_acc_<h>``,
-``teacher_forced_{token,static_token,changed_token}_acc_1``, ``ceiling_psnr``) are those of
+``teacher_forced_{token,static_token,changed_token}_acc_1``, ``ceiling_psnr``, ``psnr_gain_<h>``: the mean
+per-rollout PSNR gain over copy-last, and ``psnr_gain_ci95_<h>``: the half-width of its 95% interval) are those of
 ``headline_task`` (aloha_fold by default, the issue's target: 1-step PSNR >= copy-last + 3 dB, still above copy-last at 16 steps), or of the first
 measured task when it is not measured (``headline_task`` in the JSON says which). ``mean_psnr_<h>``
 and ``mean_copy_last_psnr_<h>`` average over tasks; ``per_task`` holds every task's table.
@@ -327,10 +328,23 @@ def score_rollouts(predict: FramePredictor | Generator, tokenizer, ex: Export, s
     def means(values: dict[str, list[float]]) -> dict[str, float | None]:
         return {k: round(float(np.mean(v)), 4) if v else None for k, v in values.items()}
 
-    rows = {str(h): means(acc[h]) for h in horizons}
+    rows = {}
+    for h in horizons:
+        rows[str(h)] = means(acc[h])
+        rows[str(h)].update(gain_over_copy(acc[h]["psnr"], acc[h]["copy_psnr"]))
     return {"rollouts": len(acc[H]["psnr"]), "frames": int(sum(len(e.episode.frames) for e in encoded)),
             "stride": spec.stride, "camera": spec.camera, "sec_per_frame": round(seconds / generated, 4),
             "horizons": rows, "teacher_forced_1": means(forced)}, rollouts
+
+
+def gain_over_copy(psnr: list[float], copy_psnr: list[float]) -> dict[str, float | None]:
+    """Mean PSNR gain over copy-last across rollouts and the half-width of its 95% interval
+    (normal approximation, 1.96 standard errors of the per-rollout gains; rollouts of one episode
+    share its scene, so the interval is optimistic when there are few episodes). None when under 2."""
+    d = np.asarray(psnr, dtype=np.float64) - np.asarray(copy_psnr, dtype=np.float64)
+    if len(d) < 2:
+        return {"gain": round(float(d.mean()), 4) if len(d) else None, "gain_ci95": None}
+    return {"gain": round(float(d.mean()), 4), "gain_ci95": round(float(1.96 * d.std(ddof=1) / np.sqrt(len(d))), 4)}
 
 
 def split_accuracy(acc: dict[str, list[float]], pred: np.ndarray, true: np.ndarray, last: np.ndarray) -> None:
@@ -501,7 +515,8 @@ def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
            for key, src in (("psnr", "psnr"), ("ssim", "ssim"), ("token_acc", "token_acc"),
                             ("copy_last_psnr", "copy_psnr"), ("copy_last_ssim", "copy_ssim"),
                             ("copy_last_token_acc", "copy_token_acc"), ("static_token_acc", "static_token_acc"),
-                            ("changed_token_acc", "changed_token_acc"))},
+                            ("changed_token_acc", "changed_token_acc"), ("psnr_gain", "gain"),
+                            ("psnr_gain_ci95", "gain_ci95"))},
         **{f"teacher_forced_{key}_1": value for key, value in per_task[head]["teacher_forced_1"].items()},
         "ceiling_psnr": round(float(np.mean([rows[str(h)]["ceiling_psnr"] for h in horizons])), 4),
         **{f"mean_{key}_{h}": round(float(np.mean([t["horizons"][str(h)][src] for t in per_task.values()])), 4)
@@ -537,11 +552,12 @@ def frame_decoding_config(cfg: DictConfig, manifest: dict[str, Any], vision: Sam
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    lines = ["| task | h | PSNR dB | copy-last dB | ceiling dB | SSIM | copy-last SSIM | token acc | copy-last token acc "
-             "| rollouts |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | h | PSNR dB | copy-last dB | gain dB (95% interval) | ceiling dB | SSIM | copy-last SSIM | token acc "
+             "| copy-last token acc | rollouts |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in summary["per_task"].items():
         for h, r in t["horizons"].items():
-            lines.append(f"| {name} | {h} | {r['psnr']:.2f} | {r['copy_psnr']:.2f} | {r['ceiling_psnr']:.2f} | "
+            ci = f" ± {r['gain_ci95']:.2f}" if r.get("gain_ci95") is not None else ""
+            lines.append(f"| {name} | {h} | {r['psnr']:.2f} | {r['copy_psnr']:.2f} | {r['gain']:+.2f}{ci} | {r['ceiling_psnr']:.2f} | "
                          f"{r['ssim']:.4f} | {r['copy_ssim']:.4f} | {r['token_acc']:.3f} | {r['copy_token_acc']:.3f} | "
                          f"{t['rollouts']} |")
     lines.append(f"headline keys (psnr_<h>, copy_last_psnr_<h>, ceiling_psnr): {summary['headline_task']}; "

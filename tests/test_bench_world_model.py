@@ -84,6 +84,18 @@ def test_bench_runs_and_reports_the_keys(export, tmp_path):
     assert list(summary["per_task"]) == ["widowx_pick_place"]
     assert summary["per_task"]["widowx_pick_place"]["rollouts"] == 2
     assert json.loads((tmp_path / "bench.json").read_text())["psnr_1"] == summary["psnr_1"]
+    # the gain over copy-last is the mean of the per-rollout differences, with a 95% interval
+    assert summary["psnr_gain_1"] == pytest.approx(summary["psnr_1"] - summary["copy_last_psnr_1"], abs=2e-4)
+    assert summary["psnr_gain_ci95_1"] >= 0
+
+
+def test_gain_over_copy_interval():
+    from emu_world.bench_world_model import gain_over_copy
+
+    got = gain_over_copy([25.0, 27.0, 26.0, 24.0], [23.0, 23.0, 23.0, 23.0])  # gains 2, 4, 3, 1
+    assert got["gain"] == pytest.approx(2.5)
+    assert got["gain_ci95"] == pytest.approx(1.96 * np.std([2, 4, 3, 1], ddof=1) / 2, abs=1e-4)
+    assert gain_over_copy([25.0], [23.0]) == {"gain": 2.0, "gain_ci95": None}  # one rollout: no interval
 
 
 def test_copy_last_psnr_and_deterministic_greedy_rollouts(export):
@@ -148,3 +160,20 @@ def test_shipped_default_world_model_matches_the_shipped_tokenizer():
     assert m["stage"] == "dida" and m["init"]["train_seconds"] > 0 and m["dida"]["adaptation_vs_ar_training"] <= 0.2
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert total < 40 * 2**20
+
+
+def test_shipped_aloha_fold_model_is_an_int8_dida_export_of_the_shipped_tokenizer():
+    """checkpoints/world_model_aloha_fold (the per-task model) loads against checkpoints/tokenizer
+    from its int8 weights and names its data and adaptation."""
+    from emu_world.bench import resolve_path
+    from emu_world.bench_world_model import load_export
+    from emu_world.tokenizer import load_tokenizer
+
+    root = resolve_path("checkpoints")
+    ex = load_export(root / "world_model_aloha_fold", load_tokenizer(root / "tokenizer"))
+    assert set(ex.tasks) == {"aloha_fold"}
+    assert json.loads((root / "world_model_aloha_fold" / "config.json").read_text())["dtype"] == "int8"
+    assert all(p.dtype == torch.float32 for p in ex.model.parameters())
+    m = ex.manifest
+    assert m["stage"] == "dida" and m["dida"]["adaptation_vs_ar_training"] <= 0.2 and m["init"]["train_seconds"] <= 3600
+    assert "seed=50" in m["data_note"] and (root / "world_model_aloha_fold" / "model.safetensors").stat().st_size < 8 * 2**20
