@@ -14,7 +14,9 @@ scripted experts, episode ``i`` of a task reset with ``seed + i``; the training 
 recorded from seed 0 on, so the default ``seed=1000`` gives unseen episodes), code usage (the
 fraction of the K codes used over all measured frames) and perplexity, code stability (the fraction
 of codes unchanged when every pixel value moves by -1, 0 or +1 grey level, :func:`nudge`: what a
-world model reading raw frames and trained on video-decoded ones sees), tokens per frame, and
+world model reading raw frames and trained on video-decoded ones sees), where the error lies
+(PSNR over the *detail* code cells, those whose pixels vary by ``detail_std`` grey levels or more,
+and over the flat rest, and the detail cells' share of the error: :func:`detail_split`), tokens per frame, and
 encode / decode / round-trip frames per second at ``threads`` torch threads. Writes a picture
 of originals beside reconstructions per task (``picture=``).
 """
@@ -34,7 +36,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from emu_world.config import CONFIG_DIR, EnvConfig, to_dataclass
-from emu_world.image_metrics import code_stability, code_usage, nudge, psnr_per_frame, ssim_per_frame
+from emu_world.image_metrics import code_stability, code_usage, detail_split, nudge, psnr_per_frame, ssim_per_frame
 
 REPO_ROOT = CONFIG_DIR.parent
 
@@ -195,6 +197,7 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
             print(f"recorded {task}: {sum(len(s.frames) for s in sets if s.task == task)} frames "
                   f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     bs = int(cfg.batch_size)
+    cell = image_size // int(tok.grid[0])  # pixels per code cell (the downsampling factor)
     rows, all_codes, pictures = {}, [], []
     for s in sets:
         codes = tok.encode(s.frames, bs)
@@ -210,6 +213,8 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
             "code_usage": round(use["code_usage"], 4),
             "perplexity": round(use["perplexity"], 1),
             "code_stability": round(code_stability(codes, nudged), 4),
+            **{k: round(v, 3 if k.endswith("psnr") else 4)
+               for k, v in detail_split(s.frames, recon, cell, float(cfg.detail_std)).items()},
             "source": s.source,
         }
         pick = np.linspace(0, len(s.frames) - 1, int(cfg.picture_frames)).round().astype(int)
@@ -228,6 +233,8 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
         "code_usage": round(usage["code_usage"], 4),  # over all measured frames
         "perplexity": round(usage["perplexity"], 1),
         "code_stability": round(float(np.mean([r["code_stability"] for r in rows.values()])), 4),  # mean over tasks
+        "detail_psnr": round(float(np.mean([r["detail_psnr"] for r in rows.values()])), 3),  # mean over tasks
+        "detail_std": float(cfg.detail_std),
         "tokens_per_frame": int(tok.grid[0] * tok.grid[1]),
         "codebook_size": int(tok.codebook_size),
         "image_size": image_size,
@@ -247,13 +254,18 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    lines = ["| task/camera | frames | PSNR dB | SSIM | code usage | perplexity | code stability |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| task/camera | frames | PSNR dB | SSIM | code usage | perplexity | code stability | "
+             "detail cells | detail PSNR dB | flat PSNR dB | error in detail |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in summary["per_task"].items():
         lines.append(f"| {name} | {r['frames']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['code_usage']:.3f} | "
-                     f"{r['perplexity']:.0f} | {r['code_stability']:.3f} |")
+                     f"{r['perplexity']:.0f} | {r['code_stability']:.3f} | {r['detail_fraction']:.2f} | "
+                     f"{r['detail_psnr']:.2f} | {r['flat_psnr']:.2f} | {r['detail_error_share']:.2f} |")
     lines.append(f"| **all** | {summary['frames']} | {summary['psnr']:.2f} | {summary['ssim']:.4f} | "
-                 f"{summary['code_usage']:.3f} | {summary['perplexity']:.0f} | {summary['code_stability']:.3f} |")
+                 f"{summary['code_usage']:.3f} | {summary['perplexity']:.0f} | {summary['code_stability']:.3f} | "
+                 f"| {summary['detail_psnr']:.2f} | | |")
+    lines.append(f"detail cells: code cells whose original pixels vary by >= {summary['detail_std']:g} grey levels "
+                 "(standard deviation); the **all** row's PSNRs are means over tasks")
     lines.append(f"tokens/frame {summary['tokens_per_frame']}, K {summary['codebook_size']}; "
                  f"encode {summary['encode_fps']:.0f} frames/s, decode {summary['decode_fps']:.0f} frames/s, "
                  f"encode+decode {summary['frames_per_second']:.0f} frames/s ({summary['threads']} threads, "

@@ -146,6 +146,9 @@ def test_bench_tokenizer_on_a_dataset_and_from_the_simulator(dataset, tmp_path):
     for key in ("psnr", "ssim", "code_usage", "tokens_per_frame", "frames_per_second", "code_stability"):
         assert key in summary
     assert 0.0 <= summary["code_stability"] <= 1.0
+    row = next(iter(summary["per_task"].values()))
+    assert 0.0 <= row["detail_fraction"] <= 1.0 and 0.0 <= row["detail_error_share"] <= 1.0
+    assert "detail_psnr" in summary and row["flat_psnr"] > 0
     assert summary["tokens_per_frame"] == 16 and (tmp_path / "recon.png").exists()
     assert json.loads((tmp_path / "bench.json").read_text())["identity"] == summary["identity"]
     # recording held-out episodes itself (the default mode), one short task
@@ -155,6 +158,26 @@ def test_bench_tokenizer_on_a_dataset_and_from_the_simulator(dataset, tmp_path):
             f"output={tmp_path / 'bench2.json'}"])
     summary = run_benchmark("tokenizer", cfg)
     assert list(summary["per_task"]) == [f"{TASK}/front"] and summary["frames"] > 10
+
+
+def test_detail_split_places_the_error_in_the_cells_that_carry_it():
+    from emu_world.image_metrics import detail_split, psnr
+
+    rng = np.random.default_rng(0)
+    frames = np.full((2, 16, 16, 3), 90, np.uint8)  # flat grey, 4x4 cells of 4 pixels
+    frames[:, :4, :8] = rng.integers(0, 256, (2, 4, 8, 3))  # two textured cells per frame
+    recon = frames.copy()
+    recon[:, :4, :8] = np.clip(frames[:, :4, :8].astype(int) + 6, 0, 255)  # error only in the textured cells
+    out = detail_split(frames, recon, patch=4, min_std=8.0)
+    assert out["detail_fraction"] == pytest.approx(2 / 16)
+    assert out["detail_error_share"] == pytest.approx(1.0) and out["flat_psnr"] == 100.0
+    assert out["detail_psnr"] < psnr(frames, recon) < 100.0  # the frame mean dilutes it with the flat cells
+    recon[:, 8:, 8:] += 10  # now the flat background is off too
+    out = detail_split(frames, recon, patch=4, min_std=8.0)
+    assert 0.0 < out["detail_error_share"] < 1.0 and out["flat_psnr"] == pytest.approx(10 * np.log10(255**2 / (100 * 4 / 14)))  # 4 of 14 flat cells off by 10
+    assert detail_split(frames, frames, 4)["detail_error_share"] == 0.0
+    with pytest.raises(ValueError, match="patch=5"):
+        detail_split(frames, recon, patch=5)
 
 
 def test_nudge_moves_every_value_by_at_most_one_level():
