@@ -17,7 +17,8 @@ of codes unchanged when every pixel value moves by -1, 0 or +1 grey level, :func
 world model reading raw frames and trained on video-decoded ones sees), where the error lies
 (PSNR over the *detail* code cells, those whose pixels vary by ``detail_std`` grey levels or more,
 and over the flat rest, and the detail cells' share of the error: :func:`detail_split`), tokens per frame, and
-encode / decode / round-trip frames per second at ``threads`` torch threads. Writes a picture
+encode / decode / round-trip frames per second at ``threads`` torch threads (``decode_precision=bfloat16``:
+decoded under bfloat16 autocast, quality and speed, with the float32 decode timed beside it). Writes a picture
 of originals beside reconstructions per task (``picture=``).
 """
 
@@ -109,16 +110,24 @@ def dataset_task_frames(roots: Any, held_out: int, frame_stride: int, image_size
 # ----------------------------------------------------------------------------- measuring
 
 
-def time_tokenizer(tok, frames: np.ndarray, batch_size: int) -> dict[str, float]:
-    """Encode and decode frames/s on ``frames`` (one warm-up batch first)."""
-    tok.decode(tok.encode(frames[:batch_size], batch_size), batch_size)
+def time_tokenizer(tok, frames: np.ndarray, batch_size: int, precision: str = "float32") -> dict[str, float]:
+    """Encode and decode frames/s on ``frames`` (one warm-up batch first), decoding in ``precision``.
+    With bfloat16 the float32 decode is timed right after on the same codes (``decode_speedup``)."""
+    tok.decode(tok.encode(frames[:batch_size], batch_size), batch_size, precision)
     t0 = time.perf_counter()
     codes = tok.encode(frames, batch_size)
     t1 = time.perf_counter()
-    tok.decode(codes, batch_size)
+    tok.decode(codes, batch_size, precision)
     t2 = time.perf_counter()
     n = len(frames)
-    return {"encode_fps": n / (t1 - t0), "decode_fps": n / (t2 - t1), "frames_per_second": n / (t2 - t0)}
+    out = {"encode_fps": n / (t1 - t0), "decode_fps": n / (t2 - t1), "frames_per_second": n / (t2 - t0)}
+    if precision != "float32":
+        tok.decode(codes[:batch_size], batch_size)  # warm-up of the float32 kernels
+        t3 = time.perf_counter()
+        tok.decode(codes, batch_size)
+        out["decode_fps_float32"] = n / (time.perf_counter() - t3)
+        out["decode_speedup"] = out["decode_fps"] / out["decode_fps_float32"]
+    return out
 
 
 def save_picture(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray]]) -> Path:
@@ -198,10 +207,11 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
                   f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     bs = int(cfg.batch_size)
     cell = image_size // int(tok.grid[0])  # pixels per code cell (the downsampling factor)
+    precision = str(cfg.decode_precision)
     rows, all_codes, pictures = {}, [], []
     for s in sets:
         codes = tok.encode(s.frames, bs)
-        recon = tok.decode(codes, bs).numpy()
+        recon = tok.decode(codes, bs, precision).numpy()
         all_codes.append(codes)
         use = code_usage(codes, tok.codebook_size)
         nudged = tok.encode(nudge(s.frames, int(cfg.seed)), bs)
@@ -222,7 +232,7 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
     pool = np.concatenate([s.frames for s in sets])
     speed_n = min(len(pool), int(cfg.speed_frames))
     speed_pick = np.random.default_rng(0).choice(len(pool), speed_n, replace=False)
-    speed = time_tokenizer(tok, pool[speed_pick], bs)
+    speed = time_tokenizer(tok, pool[speed_pick], bs, precision)
     usage = code_usage(torch.cat(all_codes), tok.codebook_size)
     summary = {
         "benchmark": "tokenizer",
@@ -238,7 +248,8 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
         "tokens_per_frame": int(tok.grid[0] * tok.grid[1]),
         "codebook_size": int(tok.codebook_size),
         "image_size": image_size,
-        **{k: round(v, 1) for k, v in speed.items()},
+        **{k: round(v, 1 if k.endswith("fps") or k == "frames_per_second" else 3) for k, v in speed.items()},
+        "decode_precision": precision,
         "speed_frames": speed_n,
         "batch_size": bs,
         "threads": torch.get_num_threads(),
@@ -269,7 +280,10 @@ def print_table(summary: dict[str, Any]) -> None:
     lines.append(f"tokens/frame {summary['tokens_per_frame']}, K {summary['codebook_size']}; "
                  f"encode {summary['encode_fps']:.0f} frames/s, decode {summary['decode_fps']:.0f} frames/s, "
                  f"encode+decode {summary['frames_per_second']:.0f} frames/s ({summary['threads']} threads, "
-                 f"batch {summary['batch_size']})")
+                 f"batch {summary['batch_size']}, decoding in {summary['decode_precision']})")
+    if "decode_speedup" in summary:
+        lines.append(f"float32 decode on the same codes: {summary['decode_fps_float32']:.0f} frames/s "
+                     f"({summary['decode_speedup']:.2f}x)")
     print("\n".join(lines), flush=True)
 
 

@@ -78,6 +78,16 @@ def test_encode_decode_round_trip_and_batching(tiny):
     assert torch.equal(tensor_to_frames(fwd.recon), recon)  # straight-through value = decode of the codes
 
 
+def test_bfloat16_decode_gives_the_float32_frames_up_to_rounding(tiny):
+    codes = tiny.encode(frames(4))
+    full = tiny.decode(codes).int()
+    half = tiny.decode(codes, precision="bfloat16")
+    assert half.dtype == torch.uint8 and half.shape == full.shape
+    assert (half.int() - full).abs().float().mean() < 2.0  # grey levels; bfloat16 keeps 8 bits of mantissa
+    with pytest.raises(ValueError, match="float16"):
+        tiny.decode(codes, precision="float16")
+
+
 def test_ibq_gradients_reach_unused_codes(tiny):
     """Index backpropagation: the one-hot's gradient flows through the softmax over all codes."""
     q = tiny.quantizer

@@ -155,9 +155,11 @@ def test_bench_tokenizer_on_a_dataset_and_from_the_simulator(dataset, tmp_path):
     with initialize_config_dir(config_dir=str(CONFIG_DIR / "bench"), version_base="1.3"):
         cfg = compose(config_name="tokenizer", overrides=[
             f"checkpoint={run.export_dir}", f"tasks=[{TASK}]", "image_size=32", "picture=null", "speed_frames=16",
-            f"output={tmp_path / 'bench2.json'}"])
+            f"output={tmp_path / 'bench2.json'}", "decode_precision=bfloat16"])
     summary = run_benchmark("tokenizer", cfg)
     assert list(summary["per_task"]) == [f"{TASK}/front"] and summary["frames"] > 10
+    assert summary["decode_precision"] == "bfloat16" and summary["decode_speedup"] > 0
+    assert summary["decode_fps"] == pytest.approx(summary["decode_speedup"] * summary["decode_fps_float32"], rel=0.01)
 
 
 def test_detail_split_places_the_error_in_the_cells_that_carry_it():
