@@ -424,7 +424,8 @@ class VisionTokenizer(nn.Module):
         ``precision="bfloat16"`` runs the decoder's convolutions under bfloat16 autocast: on CPUs with
         native bfloat16 (AVX512-BF16, AMX) about 1.7x the frames per second for the same frames up to
         rounding (``python -m emu_world.bench tokenizer decode_precision=bfloat16`` measures both);
-        elsewhere it is emulated and slower. Encoding always runs in float32: codes must not flip."""
+        without native bfloat16 it is emulated and may be slower. Encoding always runs in float32:
+        codes must not flip."""
         check_decode_precision(precision)
         c = torch.as_tensor(codes)
         if c.ndim != 3 or tuple(c.shape[1:]) != self.grid:
