@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from emu_world.training import autocast
+from emu_world.training import autocast, check_export_dtype
 
 FORMAT_NAME = "emu_world.vision_tokenizer"
 FORMAT_VERSION = 1
@@ -346,8 +346,7 @@ DECODE_PRECISIONS = ("float32", "bfloat16")
 
 
 def check_decode_precision(precision: str) -> None:
-    if precision not in DECODE_PRECISIONS:
-        raise ValueError(f"decode precision must be one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
+    check_export_dtype(precision, "decode precision", DECODE_PRECISIONS)
 
 
 def frames_to_tensor(frames: np.ndarray | torch.Tensor, image_size: int) -> torch.Tensor:
