@@ -76,6 +76,7 @@ from emu_world.generate import Generator, Sampling
 from emu_world.image_metrics import psnr_per_frame, ssim_per_frame
 from emu_world.layout import ActionBinner, LayoutConfig, Sample, SequenceLayout
 from emu_world.training import autocast
+from emu_world.tokenizer import check_same_codes
 from emu_world.world_model import WorldModel, document_mask
 
 TRAIN_COMMAND = ("python -m emu_world.train stage=world_model dataset.root=datasets "
@@ -123,13 +124,8 @@ def load_export(checkpoint: Path, tokenizer) -> Export:
             "or point the benchmark at an export with checkpoint=<folder>"
         )
     manifest = json.loads(manifest_path.read_text())
-    trained_id = manifest["tokenizer"]["identity"]
-    if trained_id != tokenizer.identity():
-        raise ValueError(
-            f"the world model {checkpoint} was trained on codes of tokenizer {trained_id} "
-            f"({manifest['tokenizer'].get('path')}), but the tokenizer given is {tokenizer.identity()}; "
-            "pass that tokenizer with tokenizer=<folder>"
-        )
+    check_same_codes(manifest["tokenizer"], tokenizer, f"the world model {checkpoint}",
+                     "pass the tokenizer it was trained with (tokenizer=<folder>)")
     config = manifest["config"]
     layout_cfg = to_dataclass(LayoutConfig, OmegaConf.create(config["layout"]))
     layout = SequenceLayout.from_config(layout_cfg, tokenizer.codebook_size, tuple(tokenizer.grid))

@@ -341,6 +341,8 @@ class ImageTokenizer(Protocol):
 
     def identity(self) -> str: ...
 
+    def code_identity(self) -> str: ...
+
 
 DECODE_PRECISIONS = ("float32", "bfloat16")
 
@@ -447,6 +449,12 @@ class VisionTokenizer(nn.Module):
         """A stable id of config + weights, usable as a token-store key (``ibq-f16-k1024-<hash>``)."""
         return state_identity(self.config, self.state_dict())
 
+    def code_identity(self) -> str:
+        """The id of what maps frames to codes (encoder, codebook and the config fields they use):
+        equal for two tokenizers that share an encoder and codebook but differ in their decoders, so
+        a world model trained on one tokenizer's codes reads the other's (``ibq-f8-k1024-codes-<hash>``)."""
+        return code_state_identity(self.config, self.state_dict())
+
     def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
         """Write ``model.safetensors`` + ``config.json`` into the folder ``path`` (replaced whole, atomically).
 
@@ -455,9 +463,10 @@ class VisionTokenizer(nn.Module):
         """
         path = Path(path)
         tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
-        identity = state_identity(self.config, {k: v.float() for k, v in tensors.items()})
+        stored = {k: v.float() for k, v in tensors.items()}
         meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
-                "identity": identity, "dtype": str(dtype).removeprefix("torch."),
+                "identity": state_identity(self.config, stored),
+                "code_identity": code_state_identity(self.config, stored), "dtype": str(dtype).removeprefix("torch."),
                 "tokens_per_frame": self.tokens_per_frame, "grid": list(self.grid)}
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
@@ -496,6 +505,37 @@ def state_identity(config: TokenizerConfig, state: dict[str, torch.Tensor]) -> s
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return f"ibq-f{config.downsample}-k{config.codebook_size}-{digest.hexdigest()[:16]}"
+
+
+# What a decoder alone reads: fields and weights left out of the code identity.
+DECODER_ONLY_FIELDS = ("decoder_blocks", "decoder_upsample")
+
+
+def code_state_identity(config: TokenizerConfig, state: dict[str, torch.Tensor]) -> str:
+    described = {k: v for k, v in config.to_dict().items() if k not in DECODER_ONLY_FIELDS}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    for name, tensor in sorted(state.items()):
+        if not name.startswith("decoder."):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return f"ibq-f{config.downsample}-k{config.codebook_size}-codes-{digest.hexdigest()[:16]}"
+
+
+def check_same_codes(recorded: dict[str, Any], tokenizer: "ImageTokenizer", trained: str, fix: str) -> None:
+    """Refuse ``tokenizer`` unless it produces the codes that ``trained`` (a world model) was trained on.
+
+    ``recorded`` is the ``tokenizer`` entry of its manifest: the code identity where it has one (then
+    a tokenizer with another decoder for the same codes is accepted), else the full identity."""
+    if "code_identity" in recorded:
+        want, have = recorded["code_identity"], tokenizer.code_identity()
+    else:
+        want, have = recorded["identity"], tokenizer.identity()
+    if want != have:
+        raise ValueError(
+            f"{trained} was trained on codes of tokenizer {recorded['identity']} ({recorded.get('path')}), but the "
+            f"tokenizer given is {tokenizer.identity()} (codes {tokenizer.code_identity()}), which maps frames to other "
+            f"codes; {fix}"
+        )
 
 
 def read_tokenizer_meta(path: Path) -> dict[str, Any]:
@@ -608,6 +648,9 @@ class Emu3VisionTokenizer:
             digest.update(name.encode())
             digest.update(tensor.detach().float().contiguous().numpy().tobytes())
         return f"emu3-f{self.factor}-k{self.codebook_size}-{digest.hexdigest()[:16]}"
+
+    def code_identity(self) -> str:
+        return self.identity()
 
 
 def load_tokenizer(path: str | Path, image_size: int = 128) -> ImageTokenizer:

@@ -50,7 +50,7 @@ from emu_world.dida import (
     NoiseConfig, NoisePath, SamplerConfig, build_dida_batch, dida_loss, noisy_copy_scores, tokenizer_codebook,
 )
 from emu_world.layout import ActionBinner, SequenceLayout
-from emu_world.tokenizer import load_tokenizer
+from emu_world.tokenizer import check_same_codes, load_tokenizer
 from emu_world.train_world_model import (
     Parts, check_run_dir, checkpoint_modules, export, parse_config, place_world_model, prepare_token_cache,
     step_batches, unsharded,
@@ -225,10 +225,8 @@ def _run(cfg: DictConfig, parts: Parts, stage: DidaStageConfig, init: InitExport
 
     tokenizer = load_tokenizer(parts.stage.tokenizer)
     tokenizer_id = tokenizer.identity()
-    if tokenizer_id != init.manifest["tokenizer"]["identity"]:
-        raise ValueError(f"the init export {init.path} was trained on codes of tokenizer "
-                         f"{init.manifest['tokenizer']['identity']}, but {parts.stage.tokenizer} is {tokenizer_id}; "
-                         "give that tokenizer's folder with dida.tokenizer=<folder>")
+    check_same_codes(init.manifest["tokenizer"], tokenizer, f"the init export {init.path}",
+                     "give that tokenizer's folder (or one with its codes) with dida.tokenizer=<folder>")
     ckpt_path = check_run_dir(cfg, run_dir, resolved, tokenizer_id, log)
     prepare_token_cache(parts, tokenizer, info, log)
     layout = SequenceLayout.from_config(parts.layout, tokenizer.codebook_size, tuple(tokenizer.grid))

@@ -3,6 +3,8 @@
     python -m emu_world.train stage=tokenizer dataset.root=datasets [tokenizer=default] [experiment=tiny]
     torchrun --nproc_per_node=2 -m emu_world.train stage=tokenizer dataset.root=datasets
     python -m emu_world.train stage=tokenizer ... resume=true     # continue exactly after an interruption
+    python -m emu_world.train stage=tokenizer init=checkpoints/tokenizer tokenizer_loss.freeze_codes=true \
+        'tokenizer.decoder_upsample=[32]' ...                      # a new decoder for the same codes
 
 Data: ``dataset.root`` is one dataset folder, a folder of dataset folders (``datasets``), or a
 list of either; every camera (or ``dataset.cameras``) of every dataset is used. The last
@@ -18,6 +20,12 @@ loss, IBQ commitment / quantisation / entropy terms, optional code consistency u
 below a fraction of the mean are moved onto random encoder outputs, until
 ``restart_until`` of training), ``evaluate`` (held-out PSNR, code usage, code stability),
 ``save_checkpoint`` (atomic, exact resume) and ``export`` (the tokenizer folder plus ``manifest.json``).
+
+``init=<tokenizer folder>`` starts from a trained tokenizer: every tensor whose name and shape fit
+is copied (a finer decoder keeps the coarse levels and learns the new ones). With
+``tokenizer_loss.freeze_codes=true`` its encoder and codebook stay fixed, so the codes of every
+frame stay exactly those of ``init`` (same ``code_identity``) and the world models trained on them
+read the new tokenizer unchanged; only the decoder trains, on the reconstruction terms.
 """
 
 from __future__ import annotations
@@ -37,7 +45,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from emu_world.config import to_dataclass
 from emu_world.image_metrics import code_stability, code_usage, nudge, psnr
-from emu_world.tokenizer import TokenizerConfig, VisionTokenizer, check_config_match, frames_to_tensor
+from emu_world.tokenizer import (
+    DECODER_ONLY_FIELDS, TokenizerConfig, VisionTokenizer, check_config_match, frames_to_tensor, read_tokenizer_meta,
+)
 from emu_world.training import (
     DistInfo, FrameDataConfig, LoopConfig, MetricLogger, TrainResult, all_reduce_mean, all_reduce_sum, average_gradients, batch_indices,
     broadcast_, check_export_dtype, checkpoint_to_resume, code_version, command_line, cosine_lr, init_distributed, load_checkpoint,
@@ -61,6 +71,7 @@ class TokenizerLossConfig:
     consistency_noise: int = 2  # ... the noise: every value moved by a uniform integer in [-n, n] grey levels
     adversarial: float = 0.0  # hinge GAN weight; 0 disables the discriminator
     adversarial_start: int = 2000
+    freeze_codes: bool = False  # True (needs init=<tokenizer>): encoder and codebook fixed, only the decoder trains
     restart_every: int = 50  # dead-code restart period (steps); 0 disables
     restart_until: float = 0.8  # ... up to this fraction of train.steps
     restart_threshold: float = 0.03  # dead: running usage below this fraction of the mean usage
@@ -260,19 +271,26 @@ def train_step(model: VisionTokenizer, opt: torch.optim.Optimizer, x: torch.Tens
     """One optimisation step on this rank's share ``x`` (B, 3, H, W) of the global batch (random
     draws: a pure function of ``seed``, ``step`` and the rank)."""
     model.train()
-    out = model(x)
-    q = out.quant
-    rec = out.recon
+    if loss_cfg.freeze_codes:  # the codes are fixed: encode without gradient, decode the looked-up codes
+        with torch.no_grad():
+            z = model.encode_latents(x)  # (B, D, h, w)
+            codes = model.quantizer.nearest(z)  # (B, h, w)
+            z_q = model.quantizer.lookup(codes)  # the exact decoder input of ``decode``
+        rec = model.decoder(z_q)
+        counts = torch.bincount(codes.reshape(-1), minlength=model.codebook_size).to(torch.float32)
+    else:
+        out = model(x)
+        q = out.quant
+        rec, z, counts = out.recon, out.z, q.counts
     terms = {
         "l1": (rec - x).abs().mean(),
         "l2": (rec - x).pow(2).mean(),
         "gradient": gradient_loss(rec, x),
         "hard": hard_pixel_loss(rec, x, loss_cfg.hard_fraction) if loss_cfg.hard > 0 else torch.zeros(()),
-        "commit": q.commit_loss,
-        "quant": q.quant_loss,
-        "entropy": q.entropy_loss,
     }
-    if loss_cfg.consistency > 0:
+    if not loss_cfg.freeze_codes:
+        terms.update(commit=q.commit_loss, quant=q.quant_loss, entropy=q.entropy_loss)
+    if loss_cfg.consistency > 0 and not loss_cfg.freeze_codes:
         g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1024 + info.rank)
         terms["consistency"] = consistency_loss(model, x, q.codes, loss_cfg.consistency_noise, g)
     loss = sum(getattr(loss_cfg, k) * v for k, v in terms.items())
@@ -300,10 +318,10 @@ def train_step(model: VisionTokenizer, opt: torch.optim.Optimizer, x: torch.Tens
     stacked = all_reduce_mean(torch.stack([logs[k].float() for k in sorted(logs)]), info)
     logs_f = {k: float(v) for k, v in zip(sorted(logs), stacked)}
     logs_f["grad_norm"] = float(grad_norm)
-    counts = all_reduce_sum(q.counts.clone(), info)
+    counts = all_reduce_sum(counts.clone(), info)
     p = counts / counts.sum()
     logs_f["batch_perplexity"] = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
-    return StepResult(logs_f, counts, out.z.detach())
+    return StepResult(logs_f, counts, z.detach())
 
 
 def init_codebook(model: VisionTokenizer, x: torch.Tensor, seed: int, info: DistInfo) -> None:
@@ -374,18 +392,53 @@ class Parts:
     loop: LoopConfig
     loss: TokenizerLossConfig
     export: ExportConfig
+    init: Path | None = None  # a trained tokenizer folder to start from
 
 
 def parse_config(cfg: DictConfig) -> Parts:
     parts = Parts(to_dataclass(TokenizerConfig, cfg.tokenizer), to_dataclass(FrameDataConfig, cfg.dataset),
                   to_dataclass(LoopConfig, cfg.train), to_dataclass(TokenizerLossConfig, cfg.tokenizer_loss),
-                  to_dataclass(ExportConfig, cfg.export))
+                  to_dataclass(ExportConfig, cfg.export), Path(cfg.init) if cfg.get("init") else None)
+    if parts.init is not None:
+        check_init(parts.init, parts.tokenizer, parts.loss.freeze_codes)
+    elif parts.loss.freeze_codes:
+        raise ValueError("tokenizer_loss.freeze_codes=true keeps the codes of a trained tokenizer: name it with "
+                         "init=<tokenizer folder> (e.g. init=checkpoints/tokenizer)")
     loop = parts.loop
     if (loop.precision, loop.device, loop.parallel) != ("float32", "cpu", "ddp"):
         raise ValueError(f"train.precision={loop.precision} train.device={loop.device} train.parallel={loop.parallel}: "
                          "bfloat16, cuda and fsdp are for stage=world_model and stage=dida; the tokenizer trains "
                          "in float32 on CPU, replicated over torchrun ranks (drop those overrides)")
     return parts
+
+
+def check_init(path: Path, config: TokenizerConfig, freeze_codes: bool) -> TokenizerConfig:
+    """The config of the tokenizer folder ``path``; with ``freeze_codes`` it must equal ``config`` in
+    everything the encoder and codebook use (only ``DECODER_ONLY_FIELDS`` may differ)."""
+    saved = TokenizerConfig.from_dict(read_tokenizer_meta(path)["config"])
+    if freeze_codes:
+        a, b = config.to_dict(), saved.to_dict()
+        diff = sorted(k for k in a if k not in DECODER_ONLY_FIELDS and a[k] != b[k])
+        if diff:
+            listed = ", ".join(f"{k}: config {a[k]!r} vs init {b[k]!r}" for k in diff)
+            raise ValueError(
+                f"tokenizer_loss.freeze_codes=true keeps the encoder and codebook of init={path}, so the tokenizer "
+                f"config may differ from it only in {list(DECODER_ONLY_FIELDS)}; it differs in {listed}. Drop those "
+                "overrides (or train the whole tokenizer without freeze_codes)"
+            )
+    return saved
+
+
+def warm_start(model: VisionTokenizer, path: Path, log=print) -> VisionTokenizer:
+    """Copy every tensor of the tokenizer at ``path`` whose name and shape fit ``model``; returns it."""
+    init = VisionTokenizer.load(path)
+    own, theirs = model.state_dict(), init.state_dict()
+    fits = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict({**own, **fits})
+    fresh = sorted(k for k in own if k not in fits)
+    log(f"init {path} ({init.identity()}): {len(fits)} of {len(own)} tensors copied"
+        + (f"; new: {', '.join(fresh[:8])}{' ...' if len(fresh) > 8 else ''}" if fresh else ""))
+    return init
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], where: Path) -> list[str]:
@@ -445,7 +498,11 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
     log(f"data: {len(train_frames)} training frames from {len(sets)} (dataset, camera) pairs in {data_seconds:.1f}s")
 
     model = VisionTokenizer(tok_cfg).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay,
+    init = warm_start(model, parts.init, log) if parts.init is not None and not resuming else None
+    if loss_cfg.freeze_codes:
+        for p in [*model.encoder.parameters(), *model.quantizer.parameters()]:
+            p.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay,
                             foreach=True)
     disc = PatchDiscriminator() if loss_cfg.adversarial > 0 else None
     opt_d = torch.optim.AdamW(disc.parameters(), lr=loop.lr, betas=(0.5, 0.9)) if disc is not None else None
@@ -458,7 +515,7 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
         step, train_seconds = loaded.step, float(loaded.state.get("train_seconds", 0.0))
         usage = loaded.extra_tensors["usage"].clone()
         log(f"resumed from {ckpt_path} at step {step}")
-    else:
+    elif parts.init is None or model.quantizer.codebook.shape != init.quantizer.codebook.shape:
         first = batch_indices(0, loop.batch_size, len(train_frames), seed)[info.rank:: info.world_size]
         init_codebook(model, to_input(train_frames[first], tok_cfg.image_size), seed, info)
 
@@ -486,7 +543,7 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
         result = train_step(model, opt, x, step, loss_cfg, loop, info, disc, opt_d, seed)
         usage.mul_(loss_cfg.usage_decay).add_(result.counts, alpha=1 - loss_cfg.usage_decay)
         restarted = 0
-        if loss_cfg.restart_every > 0 and (step + 1) % loss_cfg.restart_every == 0 and step + 1 <= restart_until:
+        if loss_cfg.restart_every > 0 and not loss_cfg.freeze_codes and (step + 1) % loss_cfg.restart_every == 0 and step + 1 <= restart_until:
             restarted = restart_dead_codes(model, opt, usage, result.z, step, seed, loss_cfg, info)
         step += 1
         train_seconds += time.perf_counter() - t0
@@ -530,6 +587,7 @@ def export(model: VisionTokenizer, parts: Parts, sets: list[FrameSet], resolved:
         "code_version": code_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "identity": shipped.identity(),
+        "code_identity": shipped.code_identity(),
         "tokens_per_frame": shipped.tokens_per_frame,
         "grid": list(shipped.grid),
         "config": resolved,
@@ -545,6 +603,13 @@ def export(model: VisionTokenizer, parts: Parts, sets: list[FrameSet], resolved:
         "note": "metrics: held-out frames of the training datasets (last dataset.eval_episodes episodes); "
                 "see `python -m emu_world.bench tokenizer` for frames freshly recorded from the simulator",
     }
+    if parts.init is not None:
+        started = VisionTokenizer.load(parts.init)
+        manifest["init"] = {"path": str(parts.init), "identity": started.identity(),
+                            "code_identity": started.code_identity(), "codes_kept": parts.loss.freeze_codes}
+        if parts.loss.freeze_codes and started.code_identity() != manifest["code_identity"]:
+            raise RuntimeError(f"freeze_codes=true but the codes changed: {started.code_identity()} -> "
+                               f"{manifest['code_identity']} (a bug: the encoder or codebook was updated)")
     tmp = out / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(out / "manifest.json")

@@ -434,6 +434,7 @@ def export(model: WorldModel, data: MixtureDataset, tokenizer: ImageTokenizer, p
         "code_version": code_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "tokenizer": {"path": parts.stage.tokenizer, "identity": tokenizer.identity(),
+                      "code_identity": tokenizer.code_identity(),
                       "codebook_size": int(tokenizer.codebook_size), "grid": list(tokenizer.grid)},
         "config": resolved,
         "data": [{"name": s.name, "root": str(s.root), "embodiment": s.embodiment, "cameras": list(s.cameras),

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from emu_world.config import CONFIG_DIR, to_dataclass
 from emu_world.image_metrics import code_usage, psnr, ssim
 from emu_world.tokenizer import (
-    Emu3VisionTokenizer, TokenizerConfig, VisionTokenizer, load_tokenizer, tensor_to_frames,
+    Emu3VisionTokenizer, TokenizerConfig, check_same_codes, VisionTokenizer, load_tokenizer, tensor_to_frames,
 )
 
 
@@ -163,7 +163,8 @@ def test_save_load_round_trip_and_identity(tiny, tmp_path):
     # fp16 files: the identity written is the one the loaded model reports; saving again replaces
     path16 = tiny.save(tmp_path / "tok", dtype=torch.float16)
     loaded16 = VisionTokenizer.load(path16)
-    assert json.loads((path16 / "config.json").read_text())["identity"] == loaded16.identity()
+    meta16 = json.loads((path16 / "config.json").read_text())
+    assert meta16["identity"] == loaded16.identity() and meta16["code_identity"] == loaded16.code_identity()
     assert loaded16.identity() != tiny.identity()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # no temporary folders left
     # identity is a valid token-store key and changes with the weights
@@ -240,6 +241,36 @@ def test_decoder_upsample_levels_leave_codes_and_old_identities_alone():
         digest.update(tensor.float().contiguous().numpy().tobytes())
     assert base.identity().endswith(digest.hexdigest()[:16])
     assert fine.identity() != base.identity()
+    # ... but both map frames to the same codes: same code identity; an encoder or codebook change alters it
+    assert fine.code_identity() == base.code_identity() != base.identity()
+    other = VisionTokenizer(tiny_config()).eval()
+    other.load_state_dict(base.state_dict())
+    assert other.code_identity() == base.code_identity()
+    with torch.no_grad():
+        other.decoder.head.bias.add_(0.1)
+    assert other.code_identity() == base.code_identity() and other.identity() != base.identity()
+    with torch.no_grad():
+        other.quantizer.codebook[0, 0] += 0.1
+    assert other.code_identity() != base.code_identity()
+
+
+def test_check_same_codes_accepts_another_decoder_for_the_same_codes():
+    torch.manual_seed(0)
+    base = VisionTokenizer(tiny_config()).eval()
+    torch.manual_seed(0)
+    fine = VisionTokenizer(tiny_config("tokenizer.decoder_upsample=[8]")).eval()
+    recorded = {"path": "tok", "identity": base.identity(), "code_identity": base.code_identity()}
+    check_same_codes(recorded, base, "model m", "fix")
+    check_same_codes(recorded, fine, "model m", "fix")  # other decoder, same codes
+    # a manifest from before code identities: the full identity must match
+    old = {"path": "tok", "identity": base.identity()}
+    check_same_codes(old, base, "model m", "fix")
+    with pytest.raises(ValueError, match="model m was trained on codes of tokenizer .* other codes; fix"):
+        check_same_codes(old, fine, "model m", "fix")
+    torch.manual_seed(1)
+    stranger = VisionTokenizer(tiny_config()).eval()
+    with pytest.raises(ValueError, match="maps frames to other codes"):
+        check_same_codes(recorded, stranger, "model m", "fix")
 
 
 def test_image_metrics():

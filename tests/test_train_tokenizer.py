@@ -87,6 +87,44 @@ def test_resume_reproduces_the_same_loss_curve(dataset, tmp_path, extra):
     assert steps == list(range(1, 9))
 
 
+def test_freeze_codes_trains_a_new_decoder_for_the_same_codes(dataset, tmp_path):
+    """init=<tokenizer> tokenizer_loss.freeze_codes=true with a finer decoder: every frame keeps its
+    codes (same code identity, so world models trained on them stay valid), the coarse decoder
+    levels start from init's, and the new decoder trains."""
+    base = run_stage(train_cfg(dataset, tmp_path / "base", "train.steps=6")).export_dir
+    old = VisionTokenizer.load(base)
+    result = run_stage(train_cfg(dataset, tmp_path / "fine", "train.steps=12", "train.lr=3e-3", f"init={base}",
+                                 "tokenizer_loss.freeze_codes=true", "tokenizer.decoder_upsample=[8]"))
+    new = VisionTokenizer.load(result.export_dir)
+    manifest = json.loads((result.export_dir / "manifest.json").read_text())
+    assert new.code_identity() == old.code_identity() == manifest["code_identity"] == manifest["init"]["code_identity"]
+    assert new.identity() != old.identity() and manifest["init"]["codes_kept"] is True
+    frames = np.stack(decode_episode_frames(_ds(dataset), "observation.images.front", [2], 1)[0][:8])
+    assert torch.equal(new.encode(frames), old.encode(frames))
+    # the coarse decoder levels started from init's; the new level and head did not exist there
+    fresh = VisionTokenizer(new.config)
+    assert {k for k, v in fresh.state_dict().items() if k in old.state_dict() and v.shape == old.state_dict()[k].shape} \
+        >= {"decoder.proj.weight", "decoder.levels.0.0.conv1.weight"}
+    assert "decoder.levels.1.0.weight" not in old.state_dict()
+    curve = losses(result.history)
+    assert "commit" not in result.history[0] and np.mean(curve[-3:]) < np.mean(curve[:3])
+    # without freeze_codes the encoder trains too: the codes change
+    free = run_stage(train_cfg(dataset, tmp_path / "free", "train.steps=3", "train.lr=3e-3", f"init={base}"))
+    assert VisionTokenizer.load(free.export_dir).code_identity() != old.code_identity()
+    # misuse: freeze without init, or an encoder setting that differs from init's
+    with pytest.raises(ValueError, match="name it with init=<tokenizer folder>"):
+        run_stage(train_cfg(dataset, tmp_path / "x", "tokenizer_loss.freeze_codes=true"))
+    with pytest.raises(ValueError, match="differs in codebook_size: config 32 vs init 64"):
+        run_stage(train_cfg(dataset, tmp_path / "y", f"init={base}", "tokenizer_loss.freeze_codes=true",
+                            "tokenizer.codebook_size=32"))
+
+
+def _ds(root: Path):
+    from emu_world.data.robot_dataset import RobotDataset
+
+    return RobotDataset(root, check_videos=False)
+
+
 def test_checkpoint_with_another_config_is_rejected(dataset, tmp_path):
     run_stage(train_cfg(dataset, tmp_path / "run", "train.steps=4", "train.stop_after=2"))
     with pytest.raises(ValueError, match=r"different tokenizer config \(codebook_size: config 32 vs checkpoint 64"):
