@@ -454,7 +454,7 @@ class BenchSetup:
 
 
 def open_bench(cfg: DictConfig) -> BenchSetup:
-    """Threads, the export and its tokenizer (identity checked), the tasks, horizons and vision sampling
+    """Threads, the export and its tokenizer (code identity checked), the tasks, horizons and vision sampling
     of a rollout benchmark's config, with clear errors."""
     from emu_world.bench import resolve_path
     from emu_world.tokenizer import load_tokenizer

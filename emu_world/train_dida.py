@@ -75,7 +75,7 @@ class DidaStageConfig:
     seed: int = 0  # which images, their times and noise: a pure function of (seed, batch index)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the export's default sampler
-    tokenizer: str | None = None  # None: the init export's tokenizer path (identity checked either way)
+    tokenizer: str | None = None  # None: the init export's tokenizer path (code identity checked either way)
     tokenize: bool = True  # fill missing token-cache entries first
     eval_batches: int = 8  # held-out mixture batches per evaluation
     export_dir: str | None = None  # None: <run_dir>/world_model
