@@ -500,11 +500,7 @@ _IDENTITY_OPTIONAL = {"decoder_upsample": []}
 
 def state_identity(config: TokenizerConfig, state: dict[str, torch.Tensor]) -> str:
     described = {k: v for k, v in config.to_dict().items() if _IDENTITY_OPTIONAL.get(k, object()) != v}
-    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
-    for name, tensor in sorted(state.items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return f"ibq-f{config.downsample}-k{config.codebook_size}-{digest.hexdigest()[:16]}"
+    return f"ibq-f{config.downsample}-k{config.codebook_size}-{_digest(described, state)}"
 
 
 # What a decoder alone reads: fields and weights left out of the code identity.
@@ -513,12 +509,17 @@ DECODER_ONLY_FIELDS = ("decoder_blocks", "decoder_upsample")
 
 def code_state_identity(config: TokenizerConfig, state: dict[str, torch.Tensor]) -> str:
     described = {k: v for k, v in config.to_dict().items() if k not in DECODER_ONLY_FIELDS}
+    encoding = {k: v for k, v in state.items() if not k.startswith("decoder.")}
+    return f"ibq-f{config.downsample}-k{config.codebook_size}-codes-{_digest(described, encoding)}"
+
+
+def _digest(described: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
+    """16 hex digits of sha256 over the config fields ``described`` and the tensors of ``state`` by name."""
     digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     for name, tensor in sorted(state.items()):
-        if not name.startswith("decoder."):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return f"ibq-f{config.downsample}-k{config.codebook_size}-codes-{digest.hexdigest()[:16]}"
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_same_codes(recorded: dict[str, Any], tokenizer: "ImageTokenizer", trained: str, fix: str) -> None:

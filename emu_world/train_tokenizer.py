@@ -412,9 +412,9 @@ def parse_config(cfg: DictConfig) -> Parts:
     return parts
 
 
-def check_init(path: Path, config: TokenizerConfig, freeze_codes: bool) -> TokenizerConfig:
-    """The config of the tokenizer folder ``path``; with ``freeze_codes`` it must equal ``config`` in
-    everything the encoder and codebook use (only ``DECODER_ONLY_FIELDS`` may differ)."""
+def check_init(path: Path, config: TokenizerConfig, freeze_codes: bool) -> None:
+    """Refuse ``init=path`` unless it is a tokenizer folder and, with ``freeze_codes``, its config equals
+    ``config`` in everything the encoder and codebook use (only ``DECODER_ONLY_FIELDS`` may differ)."""
     saved = TokenizerConfig.from_dict(read_tokenizer_meta(path)["config"])
     if freeze_codes:
         a, b = config.to_dict(), saved.to_dict()
@@ -426,7 +426,6 @@ def check_init(path: Path, config: TokenizerConfig, freeze_codes: bool) -> Token
                 f"config may differ from it only in {list(DECODER_ONLY_FIELDS)}; it differs in {listed}. Drop those "
                 "overrides (or train the whole tokenizer without freeze_codes)"
             )
-    return saved
 
 
 def warm_start(model: VisionTokenizer, path: Path, log=print) -> VisionTokenizer:
