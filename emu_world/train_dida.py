@@ -34,7 +34,6 @@ null until ``python -m emu_world.bench dida`` is run on the export and recorded)
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,11 +48,11 @@ from emu_world.data.sequences import HeldoutMetrics, MixtureDataset
 from emu_world.dida import (
     NoiseConfig, NoisePath, SamplerConfig, build_dida_batch, dida_loss, noisy_copy_scores, tokenizer_codebook,
 )
-from emu_world.layout import ActionBinner, SequenceLayout
+from emu_world.layout import SequenceLayout
 from emu_world.tokenizer import check_same_codes, load_tokenizer
 from emu_world.train_world_model import (
-    Parts, check_run_dir, checkpoint_modules, export, parse_config, place_world_model, prepare_token_cache,
-    step_batches, unsharded,
+    InitExport, Parts, adopt_init, check_binners, check_run_dir, checkpoint_modules, export, parse_config,
+    place_world_model, prepare_token_cache, read_init, step_batches, unsharded,
 )
 from emu_world.train_world_model import train_step as world_model_train_step
 from emu_world.training import (
@@ -95,60 +94,19 @@ class DidaStageConfig:
             raise ValueError(f"dida.eval_batches must be >= 1, got {self.eval_batches}")
 
 
-@dataclass
-class InitExport:
-    """The AR export a DiDA run starts from."""
-
-    path: Path
-    manifest: dict[str, Any]
-
-
-def read_init(cfg: DictConfig) -> InitExport:
-    from emu_world.bench import resolve_path
-
-    if not cfg.get("init"):
-        raise ValueError("stage=dida adapts an AR world model: give its export folder with init=<folder> (e.g. "
-                         "init=checkpoints/world_model, written by `python -m emu_world.train stage=world_model`)")
-    path = resolve_path(str(cfg.init))
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"init={cfg.init}: {path} holds no world model export (manifest.json is missing); "
-                                "train one with `python -m emu_world.train stage=world_model dataset.root=datasets`")
-    return InitExport(path, json.loads(manifest_path.read_text()))
-
-
 def stage_config(cfg: DictConfig, init: InitExport, stage: DidaStageConfig) -> DictConfig:
-    """This run's config with the init export's model and layout, and the ``world_model:`` section the
-    reused world-model pieces read (tokenizer, token cache, eval batches, export dir) set from ``dida:``."""
+    """This run's config with the init export's model and layout (:func:`adopt_init`), and the
+    ``world_model:`` section the reused world-model pieces read (tokenizer, token cache, eval batches,
+    export dir) set from ``dida:``."""
     from emu_world.bench import resolve_path
 
-    saved = init.manifest["config"]
-    tokenizer = stage.tokenizer or str(resolve_path(init.manifest["tokenizer"]["path"]))
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    out.model = saved["model"]
-    out.layout = saved["layout"]
-    out.init = str(init.path)
-    out.world_model.tokenizer = tokenizer
+    out = adopt_init(cfg, init)
+    out.world_model.tokenizer = stage.tokenizer or str(resolve_path(init.manifest["tokenizer"]["path"]))
     out.world_model.tokenize = stage.tokenize
     out.world_model.eval_batches = stage.eval_batches
     out.world_model.export_dir = stage.export_dir
     out.world_model.export_dtype = stage.export_dtype
     return out
-
-
-def check_binners(binners: dict[str, ActionBinner], init: InitExport) -> None:
-    """The datasets' action binners must be the ones the init export was trained with."""
-    for entry in init.manifest.get("data", []):
-        name, file = entry.get("name"), entry.get("binner")
-        if not file or name not in binners:
-            continue
-        saved = ActionBinner.load(init.path / file)
-        mine = binners[name]
-        if saved.num_bins != mine.num_bins or not (np.allclose(saved.low, mine.low) and
-                                                    np.allclose(saved.high, mine.high)):
-            raise ValueError(f"dataset {name}: its action binner (from the dataset statistics) differs from the one "
-                             f"the init export was trained with ({init.path / file}); adapt on the datasets the AR "
-                             "model was trained on (same dataset.root) or retrain the AR model")
 
 
 # ----------------------------------------------------------------------------- loop pieces
@@ -201,7 +159,7 @@ def evaluate(model: WorldModel, heldout: MixtureDataset, num_batches: int, stage
 def run(cfg: DictConfig) -> TrainResult:
     """Adapt (or resume adapting) the AR export ``cfg.init`` described by the composed ``configs/train.yaml``."""
     stage = to_dataclass(DidaStageConfig, cfg.dida)
-    init = read_init(cfg)
+    init = read_init(cfg, "dida")
     cfg = stage_config(cfg, init, stage)
     parts = parse_config(cfg)
     info = init_distributed(parts.loop.threads, parts.loop.device)
@@ -307,9 +265,7 @@ def manifest_extra(init: InitExport, stage: DidaStageConfig, before: dict[str, f
     ratio = round(train_seconds / float(ar_seconds), 4) if ar_seconds else None
     return {
         "stage": "dida",
-        "init": {"path": str(init.path), "command": init.manifest.get("command"),
-                 "code_version": init.manifest.get("code_version"), "metrics": init.manifest.get("metrics"),
-                 "train_seconds": ar_seconds, "stage": init.manifest.get("stage", "world_model")},
+        "init": init.record(),
         "dida": {"weight": stage.weight, "images_per_row": stage.images_per_row, "seed": stage.seed,
                  "noise": asdict(stage.noise), "sampler": asdict(stage.sampler),
                  "adaptation_seconds": round(train_seconds, 1), "adaptation_vs_ar_training": ratio},

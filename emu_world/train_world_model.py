@@ -4,6 +4,7 @@
     python -m emu_world.train stage=world_model dataset.root=[datasets/aloha_fold,datasets/explore_room]
     torchrun --nproc_per_node=2 -m emu_world.train stage=world_model dataset.root=datasets
     python -m emu_world.train stage=world_model ... resume=true   # continue exactly after an interruption
+    python -m emu_world.train stage=world_model init=checkpoints/world_model dataset.root=...  # fine-tune
 
 Data: ``dataset.root`` (a dataset folder, a folder of datasets, or a list ``[a,b]``; Hydra keeps
 only the last of repeated ``dataset.root=`` overrides) chooses the datasets; an entry of
@@ -28,6 +29,14 @@ accumulation, all-reduce, clipping, AdamW with linear warm-up then cosine LR), `
 optimizer, step, RNG; atomic, exact resume) and ``export`` (``WorldModel.save`` + the action
 binners + ``manifest.json`` with the tokenizer identity).
 
+Fine-tuning (``init=<export folder>``): the run starts from that export's weights (an int8 export
+is dequantised) instead of a fresh model; its ``model`` and ``layout`` replace the composed ones
+(the weights fix them; composed settings that differ are named in a warning), the tokenizer must
+give the export's codes (``tokenizer.check_same_codes``), and a dataset the export was trained on
+must keep its action binner. Data, loss and loop are this run's, so the schedule starts over (set
+``train.lr`` / ``train.warmup_steps`` for a fine-tune). The manifest adds ``init``: the export's
+path, command, metrics and training time.
+
 Departure from Emu3.5: no classifier-free-guidance condition dropout yet (generation's image CFG
 uses an unconditional prompt the model has not been trained on separately).
 """
@@ -41,6 +50,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -50,8 +60,8 @@ from emu_world.config import to_dataclass
 from emu_world.data.sequences import DataConfig, DatasetSpec, HeldoutMetrics, MixtureDataset
 from emu_world.data.tokenize import tokenize_dataset
 from emu_world.dida import NoiseConfig, NoisePath, seeded_generator
-from emu_world.layout import HINT_CODE, LayoutConfig, Packed, SequenceLayout
-from emu_world.tokenizer import ImageTokenizer, load_state_checked, load_tokenizer
+from emu_world.layout import HINT_CODE, ActionBinner, LayoutConfig, Packed, SequenceLayout
+from emu_world.tokenizer import ImageTokenizer, check_same_codes, load_state_checked, load_tokenizer
 from emu_world.training import (
     DistInfo, FrameDataConfig, LoopConfig, MetricLogger, TrainResult, all_reduce_sum, average_gradients,
     check_export_dtype, checkpoint_to_resume, code_version, command_line, cosine_lr, gather_states, init_distributed,
@@ -111,6 +121,72 @@ def mixture_specs(roots: FrameDataConfig, data: DataConfig) -> list[DatasetSpec]
         cameras = spec.cameras if spec.cameras is not None else roots.cameras
         specs.append(replace(spec, root=str(root), cameras=cameras))
     return specs
+
+
+@dataclass
+class InitExport:
+    """A world-model export a run starts from (``init=<folder>``): fine-tuning (stage=world_model) or
+    the DiDA adaptation (stage=dida)."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    def record(self) -> dict[str, Any]:
+        """What the new export's manifest says about where it started."""
+        m = self.manifest
+        return {"path": str(self.path), "command": m.get("command"), "code_version": m.get("code_version"),
+                "metrics": m.get("metrics"), "train_seconds": m.get("train_seconds"),
+                "stage": m.get("stage", "world_model")}
+
+    def ignored(self, cfg: DictConfig) -> list[str]:
+        """The composed ``model``/``layout`` settings that differ from the export's (the export's win)."""
+        composed = OmegaConf.to_container(cfg, resolve=True)
+        saved = self.manifest["config"]
+        keys = ("model", "layout")
+        return config_diffs({k: saved[k] for k in keys}, {k: composed[k] for k in keys})
+
+
+def read_init(cfg: DictConfig, stage: str) -> InitExport:
+    """The export named by ``init=`` (required by stage=dida, optional for stage=world_model)."""
+    from emu_world.bench import resolve_path
+
+    if not cfg.get("init"):
+        raise ValueError(f"stage={stage} starts from a trained world model: give its export folder with "
+                         "init=<folder> (e.g. init=checkpoints/world_model, written by "
+                         "`python -m emu_world.train stage=world_model`)")
+    path = resolve_path(str(cfg.init))
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"init={cfg.init}: {path} holds no world model export (manifest.json is missing); "
+                                "train one with `python -m emu_world.train stage=world_model dataset.root=datasets`")
+    return InitExport(path, json.loads(manifest_path.read_text()))
+
+
+def adopt_init(cfg: DictConfig, init: InitExport) -> DictConfig:
+    """This run's config with the init export's ``model`` and ``layout`` (its weights fix them)."""
+    saved = init.manifest["config"]
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    out.model = saved["model"]
+    out.layout = saved["layout"]
+    out.init = str(init.path)
+    return out
+
+
+def check_binners(binners: dict[str, Any], init: InitExport) -> None:
+    """The action binners of the datasets the init export was trained on must be the ones it saved, so
+    the action tokens keep their meaning (a dataset it has not seen gets its own binner)."""
+    for entry in init.manifest.get("data", []):
+        name, file = entry.get("name"), entry.get("binner")
+        if not file or name not in binners:
+            continue
+        saved = ActionBinner.load(init.path / file)
+        mine = binners[name]
+        if saved.num_bins != mine.num_bins or not (np.allclose(saved.low, mine.low) and
+                                                    np.allclose(saved.high, mine.high)):
+            raise ValueError(f"dataset {name}: its action binner (from the dataset statistics) differs from the one "
+                             f"the init export was trained with ({init.path / file}): the same name now holds other "
+                             "data. Train on the datasets the export was trained on (same dataset.root), give the "
+                             "new data its own dataset name, or train from scratch")
 
 
 def parse_config(cfg: DictConfig) -> Parts:
@@ -308,11 +384,20 @@ def evaluate(model: WorldModel, heldout: MixtureDataset, num_batches: int) -> di
 
 
 def run(cfg: DictConfig) -> TrainResult:
-    """Train (or resume) the world model described by the composed ``configs/train.yaml``."""
+    """Train (or resume) the world model described by the composed ``configs/train.yaml``; with
+    ``init=<export>`` fine-tune that export (its weights, model and layout)."""
+    init, ignored = None, []
+    if cfg.get("init"):
+        init = read_init(cfg, "world_model")
+        ignored = init.ignored(cfg)
+        cfg = adopt_init(cfg, init)
     parts = parse_config(cfg)
     info = init_distributed(parts.loop.threads, parts.loop.device)
     try:
-        return _run(cfg, parts, info)
+        if ignored and info.is_main:
+            print(f"init={init.path}: the model and layout are the export's; composed settings ignored: "
+                  + "; ".join(ignored))
+        return _run(cfg, parts, info, init)
     finally:
         teardown_distributed()
 
@@ -334,7 +419,7 @@ def check_run_dir(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any], toke
     return ckpt
 
 
-def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
+def _run(cfg: DictConfig, parts: Parts, info: DistInfo, init: InitExport | None) -> TrainResult:
     loop = parts.loop
     log = print if info.is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.run_dir)
@@ -348,6 +433,9 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
 
     tokenizer = load_tokenizer(parts.stage.tokenizer)
     tokenizer_id = tokenizer.identity()
+    if init is not None:
+        check_same_codes(init.manifest["tokenizer"], tokenizer, f"the init export {init.path}",
+                         "give that tokenizer's folder (or one with its codes) with world_model.tokenizer=<folder>")
     ckpt_path = check_run_dir(cfg, run_dir, resolved, tokenizer_id, log)
     prepare_token_cache(parts, tokenizer, info, log)
     layout = SequenceLayout.from_config(parts.layout, tokenizer.codebook_size, tuple(tokenizer.grid))
@@ -358,7 +446,12 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
         log(f"data {name}/{kind.value}: {p:.3f} of the draws")
 
     torch.manual_seed(int(cfg.seed))  # the same initial weights on every rank
-    model = WorldModel(parts.model, layout)
+    if init is None:
+        model = WorldModel(parts.model, layout)
+    else:
+        check_binners(train_data.binners, init)
+        model = WorldModel.load(init.path, layout)  # checks the layout spec
+        log(f"fine-tuning {init.path}")
     sharded = place_world_model(model, loop, info)  # device; FSDP2 shards
     evaluating = info.is_main or sharded is not None  # sharded forwards need every rank
     opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay)
@@ -414,7 +507,8 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
     if info.is_main:
         logger.log({"step": step, "eval": final, "train_seconds": round(train_seconds, 1)})
         out = Path(parts.stage.export_dir) if parts.stage.export_dir else run_dir / "world_model"
-        export_dir = export(plain, train_data, tokenizer, parts, resolved, final, train_seconds, info, out)
+        extra = {"init": init.record()} if init is not None else None
+        export_dir = export(plain, train_data, tokenizer, parts, resolved, final, train_seconds, info, out, extra)
     return TrainResult("world_model", run_dir, step, history, final, export_dir, train_seconds)
 
 

@@ -115,6 +115,37 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_init_fine_tunes_an_export_from_its_weights(world, tmp_path, capsys):
+    """init=<export>: the run starts from the export's weights, model and layout (a composed model
+    setting is ignored, and said so), records where it started, and refuses other codes."""
+    common = ("train.eval_every=0", "world_model.export_dtype=float32")
+    base = train(world, tmp_path / "base", "train.steps=6", *common)
+    # learning rate 0: the fine-tune's export holds exactly the init's weights
+    kept = train(world, tmp_path / "lr0", f"init={base.export_dir}", "train.steps=2", "train.lr=0",
+                 "model.hidden_size=96", *common)
+    assert "composed settings ignored: model.hidden_size" in capsys.readouterr().out
+    a = load_file(str(base.export_dir / "model.safetensors"))
+    b = load_file(str(kept.export_dir / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    manifest = json.loads((kept.export_dir / "manifest.json").read_text())
+    base_manifest = json.loads((base.export_dir / "manifest.json").read_text())
+    assert manifest["init"]["path"] == str(base.export_dir)
+    assert manifest["init"]["train_seconds"] == base_manifest["train_seconds"]
+    assert manifest["config"]["model"] == base_manifest["config"]["model"]
+    # training from it starts where the export left off: the same first batch costs less than from scratch
+    tuned = train(world, tmp_path / "tuned", f"init={base.export_dir}", "train.steps=2", *common)
+    assert losses(tuned.history)[0] < 0.95 * losses(base.history)[0]
+    # another tokenizer's codes
+    torch.manual_seed(1)
+    other = VisionTokenizer(to_dataclass(TokenizerConfig, compose_cfg("train", "tokenizer=tiny").tokenizer))
+    other.save(tmp_path / "other_tokenizer")
+    with pytest.raises(ValueError, match="world_model.tokenizer=<folder>"):
+        train(world, tmp_path / "x", f"init={base.export_dir}", f"world_model.tokenizer={tmp_path / 'other_tokenizer'}",
+              f"data.token_cache={tmp_path / 'cache2'}")
+    with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
+        train(world, tmp_path / "y", f"init={tmp_path}")
+
+
 def test_input_noise_corrupts_only_image_codes_at_the_drawn_rates():
     layout = SequenceLayout(LayoutConfig(action_bins=16, actions_per_frame=2, pad_vocab_to=1), load_text_tokenizer(),
                             64, (4, 4))
