@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -144,6 +145,20 @@ def test_init_fine_tunes_an_export_from_its_weights(world, tmp_path, capsys):
               f"data.token_cache={tmp_path / 'cache2'}")
     with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
         train(world, tmp_path / "y", f"init={tmp_path}")
+    # a dataset of the export's whose action range moved: a hundredth of a bin passes, half a bin fails
+    moved = tmp_path / "moved"
+    shutil.copytree(base.export_dir, moved)
+    file = moved / "binners" / "widowx_pick_place.json"
+    saved = ActionBinner.load(file)
+    for shift, fails in ((0.01, False), (0.5, True)):
+        ActionBinner(saved.low + shift * (saved.high - saved.low) / saved.num_bins, saved.high,
+                     saved.num_bins).save(file)
+        args = (f"init={moved}", "train.steps=1", *common)
+        if fails:
+            with pytest.raises(ValueError, match="widowx_pick_place: its action binner"):
+                train(world, tmp_path / "z", *args)
+        else:
+            train(world, tmp_path / "ok", *args)
 
 
 def test_input_noise_corrupts_only_image_codes_at_the_drawn_rates():
