@@ -28,7 +28,8 @@ Export: the world-model folder format (``python -m emu_world.bench world_model c
 and ``python -m emu_world.bench dida checkpoint=<it>`` read it), with ``manifest.json`` adding
 ``stage: dida``, ``init`` (path, command, metrics and training time of the AR export),
 ``dida`` (weight, images per row, noise path, sampler defaults, adaptation seconds and their ratio
-to the AR training time), ``metrics_before`` (step 0) and ``quality`` (AR and DiDA frame quality:
+to the AR training time, fine-tunes included), ``metrics_before`` (step 0), ``train_seconds_total``
+(this run and every run the export started from) and ``quality`` (AR and DiDA frame quality:
 null until ``python -m emu_world.bench dida`` is run on the export and recorded).
 """
 
@@ -261,8 +262,8 @@ def _run(cfg: DictConfig, parts: Parts, stage: DidaStageConfig, init: InitExport
 def manifest_extra(init: InitExport, stage: DidaStageConfig, before: dict[str, float],
                    train_seconds: float) -> dict[str, Any]:
     """What a DiDA export's manifest adds to the world-model stage's."""
-    ar_seconds = init.manifest.get("train_seconds")
-    ratio = round(train_seconds / float(ar_seconds), 4) if ar_seconds else None
+    ar_seconds = init.total_seconds()  # the AR export's training, fine-tunes included
+    ratio = round(train_seconds / ar_seconds, 4) if ar_seconds else None
     return {
         "stage": "dida",
         "init": init.record(),
@@ -270,6 +271,7 @@ def manifest_extra(init: InitExport, stage: DidaStageConfig, before: dict[str, f
                  "noise": asdict(stage.noise), "sampler": asdict(stage.sampler),
                  "adaptation_seconds": round(train_seconds, 1), "adaptation_vs_ar_training": ratio},
         "metrics_before": before,
+        "train_seconds_total": round(train_seconds + ar_seconds, 1) if ar_seconds is not None else None,
         "quality": {"ar": None, "dida": None,
                     "note": "frame quality vs the simulator, AR and DiDA: `python -m emu_world.bench dida "
                             "checkpoint=<this folder>` measures it; record its JSON here"},

@@ -34,8 +34,9 @@ is dequantised) instead of a fresh model; its ``model`` and ``layout`` replace t
 (the weights fix them; composed settings that differ are named in a warning), the tokenizer must
 give the export's codes (``tokenizer.check_same_codes``), and a dataset the export was trained on
 must keep its action binner. Data, loss and loop are this run's, so the schedule starts over (set
-``train.lr`` / ``train.warmup_steps`` for a fine-tune). The manifest adds ``init``: the export's
-path, command, metrics and training time.
+``train.lr`` / ``train.warmup_steps`` for a fine-tune). The manifest adds ``init`` (the export's
+path, command, metrics and training time) and ``train_seconds_total`` (this run and every run the
+export started from).
 
 Departure from Emu3.5: no classifier-free-guidance condition dropout yet (generation's image CFG
 uses an unconditional prompt the model has not been trained on separately).
@@ -137,7 +138,19 @@ class InitExport:
         m = self.manifest
         return {"path": str(self.path), "command": m.get("command"), "code_version": m.get("code_version"),
                 "metrics": m.get("metrics"), "train_seconds": m.get("train_seconds"),
-                "stage": m.get("stage", "world_model")}
+                "train_seconds_total": self.total_seconds(), "stage": m.get("stage", "world_model")}
+
+    def total_seconds(self) -> float | None:
+        """Training seconds of the export and every run it started from (``train_seconds_total``; an
+        older manifest without it: its run plus what its ``init`` record says)."""
+        m = self.manifest
+        if m.get("train_seconds_total") is not None:
+            return float(m["train_seconds_total"])
+        if m.get("train_seconds") is None:
+            return None
+        init = m.get("init") or {}
+        before = init.get("train_seconds_total", init.get("train_seconds"))
+        return float(m["train_seconds"]) + float(before or 0.0)
 
     def ignored(self, cfg: DictConfig) -> list[str]:
         """The composed ``model``/``layout`` settings that differ from the export's (the export's win)."""
@@ -511,7 +524,11 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo, init: InitExport | None)
     if info.is_main:
         logger.log({"step": step, "eval": final, "train_seconds": round(train_seconds, 1)})
         out = Path(parts.stage.export_dir) if parts.stage.export_dir else run_dir / "world_model"
-        extra = {"init": init.record()} if init is not None else None
+        extra = None
+        if init is not None:
+            before = init.total_seconds()
+            extra = {"init": init.record(),
+                     "train_seconds_total": round(train_seconds + before, 1) if before is not None else None}
         export_dir = export(plain, train_data, tokenizer, parts, resolved, final, train_seconds, info, out, extra)
     return TrainResult("world_model", run_dir, step, history, final, export_dir, train_seconds)
 

@@ -132,6 +132,7 @@ def test_init_fine_tunes_an_export_from_its_weights(world, tmp_path, capsys):
     base_manifest = json.loads((base.export_dir / "manifest.json").read_text())
     assert manifest["init"]["path"] == str(base.export_dir)
     assert manifest["init"]["train_seconds"] == base_manifest["train_seconds"]
+    assert manifest["train_seconds_total"] == round(base_manifest["train_seconds"] + kept.train_seconds, 1)
     assert manifest["config"]["model"] == base_manifest["config"]["model"]
     # training from it starts where the export left off: the same first batch costs less than from scratch
     tuned = train(world, tmp_path / "tuned", f"init={base.export_dir}", "train.steps=2", *common)
