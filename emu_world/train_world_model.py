@@ -186,22 +186,27 @@ def adopt_init(cfg: DictConfig, init: InitExport) -> DictConfig:
     return out
 
 
-def check_binners(binners: dict[str, Any], init: InitExport) -> None:
+def binner_shift(saved: ActionBinner, mine: ActionBinner) -> float:
+    """How far ``mine``'s range edges lie from ``saved``'s, in bins of ``saved`` (inf: another
+    bin count or action size)."""
+    if saved.num_bins != mine.num_bins or saved.low.shape != mine.low.shape:
+        return float("inf")
+    width = np.maximum((saved.high - saved.low) / saved.num_bins, 1e-12)  # (A,) one bin
+    return float((np.maximum(np.abs(mine.low - saved.low), np.abs(mine.high - saved.high)) / width).max())
+
+
+def check_binners(binners: dict[str, ActionBinner], init: InitExport) -> None:
     """The action binners of the datasets the init export was trained on must be the ones it saved, so
     the action tokens keep their meaning (a dataset it has not seen gets its own binner)."""
     for entry in init.manifest.get("data", []):
         name, file = entry.get("name"), entry.get("binner")
         if not file or name not in binners:
             continue
-        saved = ActionBinner.load(init.path / file)
-        mine = binners[name]
-        width = np.maximum((saved.high - saved.low) / saved.num_bins, 1e-12)  # (A,) one bin
-        shift = np.maximum(np.abs(mine.low - saved.low), np.abs(mine.high - saved.high)) / width \
-            if saved.low.shape == mine.low.shape else np.array([np.inf])
-        if saved.num_bins != mine.num_bins or shift.max() > BINNER_TOLERANCE:
+        shift = binner_shift(ActionBinner.load(init.path / file), binners[name])
+        if shift > BINNER_TOLERANCE:
             raise ValueError(f"dataset {name}: its action binner (from the dataset statistics) differs from the one "
                              f"the init export was trained with ({init.path / file}; range edges moved by up to "
-                             f"{shift.max():.3g} bins, more than {BINNER_TOLERANCE}): the same name now holds other "
+                             f"{shift:.3g} bins, more than {BINNER_TOLERANCE}): the same name now holds other "
                              "data. Train on the datasets the export was trained on (same dataset.root), give the "
                              "new data its own dataset name, or train from scratch")
 
