@@ -175,5 +175,7 @@ def test_shipped_aloha_fold_model_is_an_int8_dida_export_of_the_shipped_tokenize
     assert json.loads((root / "world_model_aloha_fold" / "config.json").read_text())["dtype"] == "int8"
     assert all(p.dtype == torch.float32 for p in ex.model.parameters())
     m = ex.manifest
-    assert m["stage"] == "dida" and m["dida"]["adaptation_vs_ar_training"] <= 0.2 and m["init"]["train_seconds"] <= 3600
+    assert m["stage"] == "dida" and m["dida"]["adaptation_vs_ar_training"] <= 0.2
+    # the whole chain of runs behind it: the AR export's (its own and its inits') plus the adaptation
+    assert m["train_seconds_total"] == pytest.approx(m["init"]["train_seconds_total"] + m["train_seconds"], abs=0.2)
     assert "seed=50" in m["data_note"] and (root / "world_model_aloha_fold" / "model.safetensors").stat().st_size < 8 * 2**20
