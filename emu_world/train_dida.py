@@ -271,7 +271,7 @@ def manifest_extra(init: InitExport, stage: DidaStageConfig, before: dict[str, f
                  "noise": asdict(stage.noise), "sampler": asdict(stage.sampler),
                  "adaptation_seconds": round(train_seconds, 1), "adaptation_vs_ar_training": ratio},
         "metrics_before": before,
-        "train_seconds_total": round(train_seconds + ar_seconds, 1) if ar_seconds is not None else None,
+        "train_seconds_total": init.total_after(train_seconds),
         "quality": {"ar": None, "dida": None,
                     "note": "frame quality vs the simulator, AR and DiDA: `python -m emu_world.bench dida "
                             "checkpoint=<this folder>` measures it; record its JSON here"},

@@ -152,6 +152,12 @@ class InitExport:
         before = init.get("train_seconds_total", init.get("train_seconds"))
         return float(m["train_seconds"]) + float(before or 0.0)
 
+    def total_after(self, seconds: float) -> float | None:
+        """``train_seconds_total`` of a run of ``seconds`` that started from this export (None: the
+        export's own training time is unknown)."""
+        before = self.total_seconds()
+        return round(seconds + before, 1) if before is not None else None
+
     def ignored(self, cfg: DictConfig) -> list[str]:
         """The composed ``model``/``layout`` settings that differ from the export's (the export's win)."""
         composed = OmegaConf.to_container(cfg, resolve=True)
@@ -529,11 +535,8 @@ def _run(cfg: DictConfig, parts: Parts, info: DistInfo, init: InitExport | None)
     if info.is_main:
         logger.log({"step": step, "eval": final, "train_seconds": round(train_seconds, 1)})
         out = Path(parts.stage.export_dir) if parts.stage.export_dir else run_dir / "world_model"
-        extra = None
-        if init is not None:
-            before = init.total_seconds()
-            extra = {"init": init.record(),
-                     "train_seconds_total": round(train_seconds + before, 1) if before is not None else None}
+        extra = {"init": init.record(), "train_seconds_total": init.total_after(train_seconds)} \
+            if init is not None else None
         export_dir = export(plain, train_data, tokenizer, parts, resolved, final, train_seconds, info, out, extra)
     return TrainResult("world_model", run_dir, step, history, final, export_dir, train_seconds)
 
