@@ -31,7 +31,8 @@ binners + ``manifest.json`` with the tokenizer identity).
 
 Fine-tuning (``init=<export folder>``): the run starts from that export's weights (an int8 export
 is dequantised) instead of a fresh model; its ``model`` and ``layout`` replace the composed ones
-(the weights fix them; composed settings that differ are named in a warning), the tokenizer must
+(the weights fix them; composed settings that differ are named in a warning) except the layout's
+loss weights (``layout.action_weight`` and the like: loss, not vocabulary), the tokenizer must
 give the export's codes (``tokenizer.check_same_codes``), and a dataset the export was trained on
 must keep its action binner. Data, loss and loop are this run's, so the schedule starts over (set
 ``train.lr`` / ``train.warmup_steps`` for a fine-tune). The manifest adds ``init`` (the export's
@@ -159,11 +160,13 @@ class InitExport:
         return round(seconds + before, 1) if before is not None else None
 
     def ignored(self, cfg: DictConfig) -> list[str]:
-        """The composed ``model``/``layout`` settings that differ from the export's (the export's win)."""
+        """The composed ``model``/``layout`` settings that differ from the export's (the export's win;
+        the layout's loss weights, :data:`LOSS_LAYOUT_KEYS`, are this run's and not listed)."""
         composed = OmegaConf.to_container(cfg, resolve=True)
         saved = self.manifest["config"]
-        keys = ("model", "layout")
-        return config_diffs({k: saved[k] for k in keys}, {k: composed[k] for k in keys})
+        strip = lambda c: {"model": c["model"], "layout": {k: v for k, v in c["layout"].items()
+                                                           if k not in LOSS_LAYOUT_KEYS}}
+        return config_diffs(strip(saved), strip(composed))
 
 
 def read_init(cfg: DictConfig, stage: str) -> InitExport:
@@ -182,12 +185,18 @@ def read_init(cfg: DictConfig, stage: str) -> InitExport:
     return InitExport(path, json.loads(manifest_path.read_text()))
 
 
+# Layout fields that only weigh or mask the loss: a run that starts from an export takes them from its own
+# config (the weights do not fix them), e.g. ``layout.action_weight=0.1`` to spend a fine-tune on frames.
+LOSS_LAYOUT_KEYS = ("text_weight", "vision_weight", "action_weight", "structure_weight", "train_prompt")
+
+
 def adopt_init(cfg: DictConfig, init: InitExport) -> DictConfig:
-    """This run's config with the init export's ``model`` and ``layout`` (its weights fix them)."""
+    """This run's config with the init export's ``model`` and ``layout`` (its weights fix them), except
+    the layout's loss weights (:data:`LOSS_LAYOUT_KEYS`), which stay this run's."""
     saved = init.manifest["config"]
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     out.model = saved["model"]
-    out.layout = saved["layout"]
+    out.layout = {**saved["layout"], **{k: out.layout[k] for k in LOSS_LAYOUT_KEYS if k in out.layout}}
     out.init = str(init.path)
     return out
 

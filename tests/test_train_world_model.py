@@ -137,6 +137,14 @@ def test_init_fine_tunes_an_export_from_its_weights(world, tmp_path, capsys):
     # training from it starts where the export left off: the same first batch costs less than from scratch
     tuned = train(world, tmp_path / "tuned", f"init={base.export_dir}", "train.steps=2", *common)
     assert losses(tuned.history)[0] < 0.95 * losses(base.history)[0]
+    # the layout's loss weights are the run's, not the export's: the same first batch weighs differently
+    capsys.readouterr()
+    reweighted = train(world, tmp_path / "reweighted", f"init={base.export_dir}", "train.steps=2",
+                       "layout.action_weight=0.1", *common)
+    assert "action_weight" not in capsys.readouterr().out
+    layout = json.loads((reweighted.export_dir / "manifest.json").read_text())["config"]["layout"]
+    assert layout == {**base_manifest["config"]["layout"], "action_weight": 0.1}
+    assert losses(reweighted.history)[0] != losses(tuned.history)[0]
     # another tokenizer's codes
     torch.manual_seed(1)
     other = VisionTokenizer(to_dataclass(TokenizerConfig, compose_cfg("train", "tokenizer=tiny").tokenizer))
