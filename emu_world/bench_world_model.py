@@ -483,6 +483,9 @@ def bench_world_model(cfg: DictConfig) -> dict[str, Any]:
     horizons, vision = setup.horizons, setup.vision
     decoding = frame_decoding_config(cfg, ex.manifest, vision)
     noise = export_noise_path(ex.manifest, ex.layout, tokenizer) if decoding.decoding == "dida" else None
+    if decoding.decoding == "dida" and not ex.manifest.get("dida"):
+        print(f"warning: {checkpoint} was not DiDA-adapted, so decoding=dida measures a sampler it was never "
+              "trained for; adapt it first (python -m emu_world.train stage=dida init=<export>) or use decoding=ar")
     per_task, samples, strips = {}, [], []
     for name in names:
         spec = ex.tasks[name]
