@@ -163,10 +163,9 @@ class InitExport:
         """The composed ``model``/``layout`` settings that differ from the export's (the export's win;
         the layout's loss weights, :data:`LOSS_LAYOUT_KEYS`, are this run's and not listed)."""
         composed = OmegaConf.to_container(cfg, resolve=True)
-        saved = self.manifest["config"]
-        strip = lambda c: {"model": c["model"], "layout": {k: v for k, v in c["layout"].items()
-                                                           if k not in LOSS_LAYOUT_KEYS}}
-        return config_diffs(strip(saved), strip(composed))
+        adopted = OmegaConf.to_container(adopt_init(cfg, self), resolve=True)
+        keys = ("model", "layout")
+        return config_diffs({k: adopted[k] for k in keys}, {k: composed[k] for k in keys})
 
 
 def read_init(cfg: DictConfig, stage: str) -> InitExport:
