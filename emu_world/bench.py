@@ -18,7 +18,9 @@ world model reading raw frames and trained on video-decoded ones sees), where th
 (PSNR over the *detail* code cells, those whose pixels vary by ``detail_std`` grey levels or more,
 and over the flat rest, and the detail cells' share of the error: :func:`detail_split`), tokens per frame, and
 encode / decode / round-trip frames per second at ``threads`` torch threads (``decode_precision=bfloat16``:
-decoded under bfloat16 autocast, quality and speed, with the float32 decode timed beside it). Writes a picture
+decoded under bfloat16 autocast, quality and speed, with the float32 decode timed beside it), and
+seconds per training step in float32 and in bfloat16 autocast (``train.precision``), timed side by side
+(:func:`time_training`; ``train.steps=0`` skips it). Writes a picture
 of originals beside reconstructions per task (``picture=``).
 """
 
@@ -189,6 +191,41 @@ def bench_output_dir(cfg: DictConfig) -> Path:
                          "output=<file.json> (pictures go beside it)") from None
 
 
+def time_training(tok, frames: np.ndarray, cfg: DictConfig) -> dict[str, Any]:
+    """Seconds per training step of ``tok``'s architecture in each of ``cfg.precisions``, measured side
+    by side: one model copy and optimizer per precision, their steps interleaved (after one warm-up
+    step each) so that both see the same machine; the batch and the loss terms are the training stage's
+    (``configs/train.yaml``'s ``tokenizer_loss`` with ``cfg.loss`` overrides)."""
+    import copy
+
+    from emu_world.train_tokenizer import TokenizerLossConfig, to_input, train_step
+    from emu_world.training import DistInfo, LoopConfig
+
+    composed = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "train.yaml").tokenizer_loss, cfg.loss)
+    loss_cfg = to_dataclass(TokenizerLossConfig, composed)
+    precisions = [str(p) for p in cfg.precisions]
+    rng = np.random.default_rng(0)
+    runs = {}
+    for precision in precisions:
+        model = copy.deepcopy(tok).to(memory_format=torch.channels_last)
+        runs[precision] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True),
+                           LoopConfig(precision=precision), [])
+    bs, info = int(cfg.batch_size), DistInfo()
+    for step in range(int(cfg.steps) + 1):
+        x = to_input(torch.from_numpy(frames[rng.choice(len(frames), bs)]), tok.image_size)
+        for precision, (model, opt, loop, times) in runs.items():
+            t0 = time.perf_counter()
+            train_step(model, opt, x, step, loss_cfg, loop, info)
+            if step:  # step 0 warms up
+                times.append(time.perf_counter() - t0)
+    sec = {p: float(np.median(r[3])) for p, r in runs.items()}
+    out: dict[str, Any] = {"train_sec_per_step": {p: round(v, 6) for p, v in sec.items()},
+                           "train_batch_size": bs, "train_steps_timed": int(cfg.steps)}
+    if len(precisions) > 1:
+        out["train_speedup"] = round(sec[precisions[0]] / sec[precisions[1]], 3)
+    return out
+
+
 def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
     from emu_world.tokenizer import load_tokenizer
 
@@ -233,6 +270,7 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
     speed_n = min(len(pool), int(cfg.speed_frames))
     speed_pick = np.random.default_rng(0).choice(len(pool), speed_n, replace=False)
     speed = time_tokenizer(tok, pool[speed_pick], bs, precision)
+    training = time_training(tok, pool, cfg.train) if int(cfg.train.steps) > 0 and hasattr(tok, "quantizer") else {}
     usage = code_usage(torch.cat(all_codes), tok.codebook_size)
     summary = {
         "benchmark": "tokenizer",
@@ -250,6 +288,7 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
         "image_size": image_size,
         **{k: round(v, 1 if k.endswith("fps") or k == "frames_per_second" else 3) for k, v in speed.items()},
         "decode_precision": precision,
+        **training,
         "speed_frames": speed_n,
         "batch_size": bs,
         "threads": torch.get_num_threads(),
@@ -284,6 +323,11 @@ def print_table(summary: dict[str, Any]) -> None:
     if "decode_speedup" in summary:
         lines.append(f"float32 decode on the same codes: {summary['decode_fps_float32']:.0f} frames/s "
                      f"({summary['decode_speedup']:.2f}x)")
+    if "train_sec_per_step" in summary:
+        timed = ", ".join(f"{p} {v:.3f} s" for p, v in summary["train_sec_per_step"].items())
+        ratio = f" ({summary['train_speedup']:.2f}x)" if "train_speedup" in summary else ""
+        lines.append(f"training step (batch {summary['train_batch_size']}, median of {summary['train_steps_timed']}, "
+                     f"side by side): {timed}{ratio}")
     print("\n".join(lines), flush=True)
 
 

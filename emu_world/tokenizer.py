@@ -275,8 +275,44 @@ class Decoder(nn.Module):
         return self.unpatchify(self.head(F.silu(self.norm_out(h))))  # (B, 3, H, W)
 
 
+class _SoftAssignment(torch.autograd.Function):
+    """The (N, K) softmax part of IBQ in one function with a hand-written backward.
+
+    Forward: ``p = softmax(logits)``; returns ``p @ codebook`` (N, D), the mean per-token entropy
+    ``-sum_k p log p`` and the entropy of the batch-mean distribution ``m = mean_n p``. Autograd
+    would keep and walk about twice as many (N, K) tensors for the same gradients; at K=1024 these
+    elementwise passes, not the matmuls, were most of the quantiser's time on CPU. The gradient
+    reaches ``logits`` only (``codebook`` here is the detached one, as in IBQ)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, codebook: torch.Tensor):  # type: ignore[override]
+        n = logits.shape[0]
+        logp = logits.log_softmax(dim=-1)  # (N, K)
+        p = logp.exp()
+        token_entropy = -torch.dot(p.view(-1), logp.view(-1)) / n
+        mean_prob = p.mean(0)  # (K,)
+        batch_entropy = -(mean_prob * torch.log(mean_prob + 1e-10)).sum()
+        ctx.save_for_backward(p, logp, mean_prob, codebook)
+        return p @ codebook, token_entropy, batch_entropy
+
+    @staticmethod
+    def backward(ctx, g_soft: torch.Tensor, g_token: torch.Tensor, g_batch: torch.Tensor):  # type: ignore[override]
+        p, logp, mean_prob, codebook = ctx.saved_tensors
+        n = p.shape[0]
+        # dLoss/dp, up to a per-row constant (which the softmax's backward removes):
+        u = g_soft @ codebook.T  # (N, K): through p @ codebook
+        u.add_(logp, alpha=-float(g_token) / n)  # token entropy: dH/dp = -(log p + 1)
+        u.add_((-float(g_batch) / n) * (torch.log(mean_prob + 1e-10) + mean_prob / (mean_prob + 1e-10)))
+        # softmax backward in place: p * (u - sum_k p u)
+        u.sub_(torch.bmm(p.unsqueeze(1), u.unsqueeze(2)).view(n, 1)).mul_(p)
+        return u, None
+
+
 class IBQuantizer(nn.Module):
-    """Index-backpropagation quantiser over a cosine-normalised codebook of K codes."""
+    """Index-backpropagation quantiser over a cosine-normalised codebook of K codes.
+
+    It computes in float32 also inside a bfloat16 autocast region (``train.precision=bfloat16``):
+    codes picked from bfloat16 similarities would flip between training and ``encode``."""
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -298,31 +334,34 @@ class IBQuantizer(nn.Module):
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) normalised latents -> (B*h*w, K) code logits (scaled cosine similarities)."""
-        zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        return self.logit_scale * (zf @ self.normalized_codebook().T)
+        with torch.autocast(z.device.type, enabled=False):
+            return self._logits(z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]), self.normalized_codebook())
+
+    def _logits(self, zf: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        return (self.logit_scale * zf) @ codebook.T  # scaled on the (N, D) side: one (N, K) pass fewer
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        with torch.autocast(z.device.type, enabled=False):
+            return self._forward(z.float())
+
+    def _forward(self, z: torch.Tensor) -> QuantizerOutput:
         B, D, h, w = z.shape
         K = self.codebook.shape[0]
         zf = z.permute(0, 2, 3, 1).reshape(-1, D)  # (N, D), N = B*h*w
         codebook = self.normalized_codebook()  # (K, D)
-        logits = self.logit_scale * (zf @ codebook.T)  # (N, K) (= self.logits(z), zf and codebook reused)
-        soft = logits.softmax(dim=-1)  # (N, K)
+        logits = self._logits(zf, codebook)  # (N, K)
         codes = logits.argmax(dim=-1)  # (N,)
         # IBQ: zq = (one_hot - sg(soft) + soft) @ codebook has the value codebook[codes] and sends the
         # gradient through the softmax to every code. Written without the (N, K) one-hot and index
         # tensors (same values and gradients; the lookup carries the codebook's direct gradient):
-        via_soft = soft @ codebook.detach()  # (N, D)
+        via_soft, token_entropy, batch_entropy = _SoftAssignment.apply(logits, codebook.detach())
         zq = codebook[codes] + (via_soft - via_soft.detach())  # (N, D)
         commit = F.mse_loss(zf, zq.detach())
         quant = F.mse_loss(zq, zf.detach())
-        per_token_entropy = (torch.logsumexp(logits, dim=-1) - (soft * logits).sum(-1)).mean()  # -sum p log p
-        mean_prob = soft.mean(0)  # (K,)
-        batch_entropy = -(mean_prob * torch.log(mean_prob + 1e-10)).sum()
         counts = torch.bincount(codes, minlength=K).to(torch.float32)
         # straight-through to the encoder as well: z + (zq - z) has value zq, gradient to z and codes
         z_q = zq.view(B, h, w, D).permute(0, 3, 1, 2)  # (B, D, h, w)
-        return QuantizerOutput(z_q, codes.view(B, h, w), commit, quant, per_token_entropy - batch_entropy, counts)
+        return QuantizerOutput(z_q, codes.view(B, h, w), commit, quant, token_entropy - batch_entropy, counts)
 
 
 # ----------------------------------------------------------------------------- the tokenizer

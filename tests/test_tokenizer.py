@@ -141,6 +141,29 @@ def test_quantizer_matches_the_one_hot_index_formulation(tiny):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_soft_assignment_backward_matches_autograd_in_float64():
+    """The quantiser's hand-written (N, K) backward against autograd's numerical check, with every
+    output weighted (IBQ's soft lookup, per-token entropy, batch entropy)."""
+    from emu_world.tokenizer import _SoftAssignment
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(6, 10, generator=g, dtype=torch.float64)).requires_grad_()
+    codebook = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: _SoftAssignment.apply(t, codebook), (logits,))
+
+
+def test_quantizer_computes_in_float32_under_bfloat16_autocast(tiny):
+    """Codes and IBQ terms in float32 inside a bfloat16 autocast region (train.precision=bfloat16):
+    the codes are those of float32 ``nearest``, as ``encode`` computes them."""
+    q = tiny.quantizer
+    z = torch.nn.functional.normalize(torch.randn(2, tiny.config.code_dim, 4, 4), dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, logits = q(z), q.logits(z)
+    assert out.z_q.dtype == logits.dtype == out.entropy_loss.dtype == torch.float32
+    assert torch.equal(out.codes, q.nearest(z)) and torch.equal(logits.argmax(-1).view(2, 4, 4), out.codes)
+    torch.testing.assert_close(out.z_q, q(z).z_q)
+
+
 def test_quantizer_terms_are_finite_and_counts_sum(tiny):
     z = torch.nn.functional.normalize(torch.randn(3, tiny.config.code_dim, 4, 4), dim=1)
     out = tiny.quantizer(z)
