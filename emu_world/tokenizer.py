@@ -279,9 +279,10 @@ class _SoftAssignment(torch.autograd.Function):
     """The (N, K) softmax part of IBQ in one function with a hand-written backward.
 
     Forward: ``p = softmax(logits)``; returns ``p @ codebook`` (N, D), the mean per-token entropy
-    ``-sum_k p log p`` and the entropy of the batch-mean distribution ``m = mean_n p``. Autograd
-    would keep and walk about twice as many (N, K) tensors for the same gradients; at K=1024 these
-    elementwise passes, not the matmuls, were most of the quantiser's time on CPU. The gradient
+    ``-sum_k p log p`` and the entropy of the batch-mean distribution ``m = mean_n p``. The backward
+    folds all three into one softmax backward, where autograd's graph of the same expressions makes
+    several more elementwise (N, K) passes; at K=1024 such passes, not the matmuls, were most of the
+    quantiser's time on CPU (the shipped recipe's step: 0.279 -> 0.247 s, README). The gradient
     reaches ``logits`` only (``codebook`` here is the detached one, as in IBQ)."""
 
     @staticmethod
