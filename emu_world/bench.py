@@ -207,7 +207,7 @@ def time_training(tok, frames: np.ndarray, cfg: DictConfig) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     runs = {}
     for precision in precisions:
-        model = copy.deepcopy(tok).to(memory_format=torch.channels_last)
+        model = copy.deepcopy(tok)  # loaded in channels_last, as training builds it
         runs[precision] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True),
                            LoopConfig(precision=precision), [])
     bs, info = int(cfg.batch_size), DistInfo()
@@ -227,7 +227,7 @@ def time_training(tok, frames: np.ndarray, cfg: DictConfig) -> dict[str, Any]:
 
 
 def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
-    from emu_world.tokenizer import load_tokenizer
+    from emu_world.tokenizer import VisionTokenizer, load_tokenizer
 
     torch.set_num_threads(int(cfg.threads))
     ckpt = resolve_path(cfg.checkpoint)
@@ -270,7 +270,8 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
     speed_n = min(len(pool), int(cfg.speed_frames))
     speed_pick = np.random.default_rng(0).choice(len(pool), speed_n, replace=False)
     speed = time_tokenizer(tok, pool[speed_pick], bs, precision)
-    training = time_training(tok, pool, cfg.train) if int(cfg.train.steps) > 0 and hasattr(tok, "quantizer") else {}
+    ours = isinstance(tok, VisionTokenizer)  # an Emu3 tokenizer is measured, not trained here
+    training = time_training(tok, pool, cfg.train) if int(cfg.train.steps) > 0 and ours else {}
     usage = code_usage(torch.cat(all_codes), tok.codebook_size)
     summary = {
         "benchmark": "tokenizer",
