@@ -14,7 +14,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from emu_world.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A path as given, or relative to the repository root (so shipped defaults such as
+    ``checkpoints/tokenizer`` work from any working directory)."""
+    p = Path(path)
+    return p if p.exists() or p.is_absolute() else REPO_ROOT / p
 
 
 @dataclass
@@ -84,11 +94,17 @@ AGENTS = ("scripted",)
 
 
 def to_dataclass(cls: type, cfg: DictConfig) -> Any:
-    """Instantiate a config dataclass from a (sub)config, rejecting unknown keys clearly."""
+    """Instantiate a config dataclass from a (sub)config, rejecting unknown keys clearly; a value its
+    checks refuse (``__post_init__``) is a :class:`~emu_world.errors.UserError` with their message."""
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
     known = set(cls.__dataclass_fields__)
     extra = sorted(set(data) - known)
     if extra:
-        raise ValueError(f"{cls.__name__}: unknown key(s) {extra}; valid keys: {sorted(known)}")
-    return cls(**data)
+        raise UserError(f"{cls.__name__}: unknown key(s) {extra}; valid keys: {sorted(known)}")
+    try:
+        return cls(**data)
+    except UserError:
+        raise
+    except (ValueError, KeyError) as e:  # the config's own checks: the user's values
+        raise UserError(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)) from e

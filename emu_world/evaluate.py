@@ -16,10 +16,9 @@ An episode succeeds if ``info["is_success"]`` is true at any step (LeRobot's con
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import hydra
 import numpy as np
@@ -28,97 +27,17 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
+from emu_world.episodes import EpisodeResult, make_agent, run_episode
+from emu_world.errors import UserError, reports_user_errors
+from emu_world.media import write_mp4
 from emu_world.metrics import wilson_interval
-from emu_world.video import write_mp4
-
-
-class Agent(Protocol):
-    """What the harness drives: scripted experts now, learned policies later."""
-
-    def reset(self, obs: dict, info: dict) -> None: ...
-
-    def act(self, obs: dict, info: dict) -> Any: ...
-
-
-@dataclass
-class EpisodeResult:
-    episode: int
-    seed: int
-    success: bool
-    steps: int
-    max_subtask_progress: int
-    num_subtasks: int
-    seconds: float
-    env_seconds: float
-    collided_steps: int = 0  # steps the env refused as a collision (info["collided"], exploration)
-    annotations: list[dict] = field(default_factory=list)  # the agent's subtasks, if it reports them
-    video: str | None = None
-
-
-def make_agent(agent_cfg: AgentConfig, env_cfg: EnvConfig, env) -> Agent:
-    if agent_cfg.name == "scripted":
-        import envs
-
-        return envs.make_expert(env_cfg.name, env)
-    raise ValueError(f"unknown agent {agent_cfg.name!r}")
-
-
-class StepCallback(Protocol):
-    def __call__(self, obs: dict, action: Any, next_obs: dict, reward: float, terminated: bool,
-                 truncated: bool, info: dict, subtask_index: int | None) -> None: ...
-
-
-def run_episode(env, agent: Agent, seed: int, episode: int = 0, record_camera: str | None = None,
-                on_step: StepCallback | None = None) -> tuple[EpisodeResult, list[np.ndarray]]:
-    """One closed-loop episode until termination or truncation (the env's TimeLimit).
-
-    ``on_step`` sees every transition (the observation the action was chosen from, the action
-    as the actuators received it after the env's limits, the next observation, ...): the
-    dataset recorder hooks in here.
-    """
-    from envs import AnnotationTracker
-
-    start = time.perf_counter()
-    obs, info = env.reset(seed=seed)
-    agent.reset(obs, info)
-    tracker = AnnotationTracker(env.unwrapped.subtasks) if hasattr(agent, "subtask_index") else None
-    frames = [obs["pixels"][record_camera]] if record_camera else []
-    success, progress, steps, env_seconds = bool(info["is_success"]), int(info["subtask_progress"]), 0, 0.0
-    collided = 0
-    while True:
-        action = agent.act(obs, info)
-        t0 = time.perf_counter()
-        next_obs, reward, terminated, truncated, info = env.step(action)
-        env_seconds += time.perf_counter() - t0
-        steps += 1
-        subtask = getattr(agent, "subtask_index", None)
-        if tracker is not None:
-            tracker.record(subtask)
-        if on_step is not None:
-            on_step(obs, env.unwrapped.last_action, next_obs, float(reward), bool(terminated),
-                    bool(truncated), info, subtask)
-        obs = next_obs
-        if record_camera:
-            frames.append(obs["pixels"][record_camera])
-        collided += bool(info.get("collided", False))
-        success = success or bool(info["is_success"])
-        progress = max(progress, int(info["subtask_progress"]))
-        if terminated or truncated:
-            break
-    result = EpisodeResult(
-        episode=episode, seed=seed, success=success, steps=steps, max_subtask_progress=progress,
-        num_subtasks=int(info["num_subtasks"]), seconds=time.perf_counter() - start,
-        env_seconds=env_seconds, collided_steps=collided,
-        annotations=[a.to_dict() for a in tracker.annotations()] if tracker else [],
-    )
-    return result, frames
 
 
 def evaluate(env_cfg: EnvConfig, agent_cfg: AgentConfig, episodes: int, seed: int, output_dir: Path,
              video: bool = False, video_episodes: int = 2, progress: bool = True) -> dict[str, Any]:
     """Run ``episodes`` seeded episodes; write per-episode records; return the summary."""
     if episodes <= 0:
-        raise ValueError(f"episodes must be positive, got {episodes}")
+        raise UserError(f"episodes must be positive, got {episodes}")
     output_dir.mkdir(parents=True, exist_ok=True)
     env = env_cfg.make()
     agent = make_agent(agent_cfg, env_cfg, env)
@@ -166,6 +85,7 @@ def evaluate(env_cfg: EnvConfig, agent_cfg: AgentConfig, episodes: int, seed: in
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     env_cfg = to_dataclass(EnvConfig, cfg.env)
     agent_cfg = to_dataclass(AgentConfig, cfg.agent)

@@ -12,7 +12,6 @@ size on disk.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,15 +22,9 @@ from tqdm import tqdm
 
 from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
 from emu_world.data.recorder import DatasetRecorder, features_for_env
-from emu_world.evaluate import make_agent, run_episode
-
-
-def code_version() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(CONFIG_DIR.parent), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+from emu_world.episodes import make_agent, run_episode
+from emu_world.errors import UserError, reports_user_errors
+from emu_world.provenance import code_version
 
 
 def dir_size_mb(root: Path) -> float:
@@ -42,7 +35,7 @@ def record(env_cfg: EnvConfig, agent_cfg: AgentConfig, root: Path, repo_id: str,
            max_attempts: int | None = None, keep_failures: bool = False, mode: str = "create",
            vcodec: str = "h264", crf: int = 0, pix_fmt: str = "yuv444p", progress: bool = True) -> dict:
     if episodes <= 0:
-        raise ValueError(f"episodes must be positive, got {episodes}")
+        raise UserError(f"episodes must be positive, got {episodes}")
     max_attempts = max_attempts or 2 * episodes
     env = env_cfg.make()
     agent = make_agent(agent_cfg, env_cfg, env)
@@ -99,9 +92,10 @@ def record(env_cfg: EnvConfig, agent_cfg: AgentConfig, root: Path, repo_id: str,
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="record")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     if cfg.overwrite and cfg.append:
-        raise ValueError("overwrite=true and append=true contradict each other; pick one")
+        raise UserError("overwrite=true and append=true contradict each other; pick one")
     mode = "overwrite" if cfg.overwrite else "append" if cfg.append else "create"
     summary = record(
         to_dataclass(EnvConfig, cfg.env), to_dataclass(AgentConfig, cfg.agent), Path(cfg.dataset.root),

@@ -17,14 +17,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from emu_world.bench import run_benchmark
-from emu_world.bench_world_model import (
-    EncodedEpisode, Episode, interval_conditions, load_export, measure_task, rollout, teacher_forced_codes,
-)
+from emu_world.bench.common import teacher_forced_codes
+from emu_world.bench.world_model import measure_task
+from emu_world.rollouts import EncodedEpisode, Episode, interval_conditions, load_export, rollout
 from emu_world.config import CONFIG_DIR, to_dataclass
-from emu_world.generate import GenerationConfig, Generator, Sampling
-from emu_world.layout import ActionBinner, LayoutConfig, SequenceLayout
-from emu_world.tokenizer import TokenizerConfig, VisionTokenizer
-from emu_world.world_model import WorldModel, WorldModelConfig
+from emu_world.models.generate import GenerationConfig, Generator, Sampling
+from emu_world.models.layout import ActionBinner, LayoutConfig, SequenceLayout
+from emu_world.models.tokenizer import TokenizerConfig, VisionTokenizer
+from emu_world.models.world_model import WorldModel, WorldModelConfig
 
 torch.set_num_threads(1)  # tiny tensors; the machine is shared
 
@@ -90,7 +90,7 @@ def test_bench_runs_and_reports_the_keys(export, tmp_path):
 
 
 def test_gain_over_copy_interval():
-    from emu_world.bench_world_model import gain_over_copy
+    from emu_world.bench.common import gain_over_copy
 
     got = gain_over_copy([25.0, 27.0, 26.0, 24.0], [23.0, 23.0, 23.0, 23.0])  # gains 2, 4, 3, 1
     assert got["gain"] == pytest.approx(2.5)
@@ -148,9 +148,9 @@ def test_missing_export_and_other_tokenizer_are_refused(export, tmp_path):
 def test_shipped_default_world_model_matches_the_shipped_tokenizer():
     """checkpoints/world_model loads against checkpoints/tokenizer (identity, layout spec, binners)
     and says how it was made; all shipped checkpoints together stay well under 50 MB."""
-    from emu_world.bench import resolve_path
-    from emu_world.bench_world_model import load_export
-    from emu_world.tokenizer import load_tokenizer
+    from emu_world.config import resolve_path
+    from emu_world.rollouts import load_export
+    from emu_world.models.tokenizer import load_tokenizer
 
     root = resolve_path("checkpoints")
     ex = load_export(root / "world_model", load_tokenizer(root / "tokenizer"))
@@ -165,9 +165,9 @@ def test_shipped_default_world_model_matches_the_shipped_tokenizer():
 def test_shipped_aloha_fold_model_is_an_int8_export_of_the_shipped_tokenizer():
     """checkpoints/world_model_aloha_fold (the per-task model) loads against checkpoints/tokenizer
     from its int8 weights and names its data and the chain of runs behind it."""
-    from emu_world.bench import resolve_path
-    from emu_world.bench_world_model import load_export
-    from emu_world.tokenizer import load_tokenizer
+    from emu_world.config import resolve_path
+    from emu_world.rollouts import load_export
+    from emu_world.models.tokenizer import load_tokenizer
 
     root = resolve_path("checkpoints")
     ex = load_export(root / "world_model_aloha_fold", load_tokenizer(root / "tokenizer"))

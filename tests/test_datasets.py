@@ -259,7 +259,7 @@ def test_verify_compares_the_codes_of_decoded_and_raw_frames(recorded, tmp_path)
     import torch
 
     from emu_world.data.verify import verify
-    from emu_world.tokenizer import TokenizerConfig, VisionTokenizer
+    from emu_world.models.tokenizer import TokenizerConfig, VisionTokenizer
 
     torch.manual_seed(0)
     VisionTokenizer(TokenizerConfig(image_size=64, channels=[16, 32], encoder_blocks=[1, 1], decoder_blocks=[1, 1],

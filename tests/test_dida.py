@@ -22,21 +22,22 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from emu_world.bench import run_benchmark
-from emu_world.bench_dida import decoders
+from emu_world.bench.dida import decoders
 from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
-from emu_world.dida import (
+from emu_world.models.dida import (
     IGNORE, DidaSampler, FrameDecodingConfig, NoiseConfig, NoisePath, SamplerConfig, build_dida_batch,
-    export_sampler_config, frame_predictor, image_head,
+    frame_predictor, image_head,
 )
-from emu_world.generate import Sampling
-from emu_world.layout import LayoutConfig, LayoutError, SampleKind, SequenceLayout
+from emu_world.models.export import WorldModelExport
+from emu_world.models.generate import Sampling
+from emu_world.models.layout import LayoutConfig, LayoutError, SampleKind, SequenceLayout
 from emu_world.record import record
-from emu_world.text_tokenizer import load_text_tokenizer
-from emu_world.tokenizer import TokenizerConfig, VisionTokenizer
+from emu_world.models.text_tokenizer import load_text_tokenizer
+from emu_world.models.tokenizer import TokenizerConfig, VisionTokenizer
 from emu_world.train import run_stage
-from emu_world.train_dida import DidaStageConfig
-from emu_world.training import find_checkpoint
-from emu_world.world_model import WorldModel, WorldModelConfig
+from emu_world.train.dida import DidaStageConfig
+from emu_world.train.checkpoint import find_checkpoint
+from emu_world.models.world_model import WorldModel, WorldModelConfig
 
 torch.set_num_threads(1)  # tiny tensors; the machine is shared
 
@@ -331,8 +332,9 @@ def test_warm_start_begins_from_the_previous_image_and_runs_t0_to_one(layout):
     noise = RecordingNoise(layout)
     DidaSampler(scripted(layout), layout, noise, SamplerConfig(2, start="previous")).sample(prefix)
     assert noise.times == [0.5]
-    assert export_sampler_config({"dida": {"sampler": {"steps": 2, "update": "renoise"}}}).start == "noise"  # older
-    assert export_sampler_config({}).start == "previous"
+    older = WorldModelExport(Path("."), {"dida": {"sampler": {"steps": 2, "update": "renoise"}}})
+    assert older.sampler_config().start == "noise"  # older
+    assert WorldModelExport(Path("."), {}).sampler_config().start == "previous"
     with pytest.raises(ValueError, match="start_time must be in"):
         SamplerConfig(2, start="previous", start_time=1.0)
     with pytest.raises(ValueError, match="start must be one of"):
@@ -514,6 +516,6 @@ def test_bench_decoders_take_the_update_override_or_the_exports(update):
     with initialize_config_dir(config_dir=str(CONFIG_DIR / "bench"), version_base="1.3"):
         cfg = compose(config_name="dida", overrides=overrides)
     manifest = {"dida": {"sampler": {"steps": 2, "update": "confidence"}}}
-    methods, default_k = decoders(cfg, manifest, Sampling())
+    methods, default_k = decoders(cfg, WorldModelExport(Path("."), manifest), Sampling())
     assert default_k == 2 and list(methods) == ["ar", "K=1", "K=2"]
     assert {m.dida.update for name, m in methods.items() if name != "ar"} == {update or "confidence"}

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from emu_world.generate import GenerationConfig, Generator, Sampling, unconditional_prefix
-from emu_world.layout import LayoutConfig, LayoutError, SampleKind, SequenceLayout
-from emu_world.text_tokenizer import load_text_tokenizer
-from emu_world.world_model import WorldModel, WorldModelConfig
+from emu_world.models.generate import GenerationConfig, Generator, Sampling, unconditional_prefix
+from emu_world.models.layout import LayoutConfig, LayoutError, SampleKind, SequenceLayout
+from emu_world.models.text_tokenizer import load_text_tokenizer
+from emu_world.models.world_model import WorldModel, WorldModelConfig
 
 torch.set_num_threads(1)
 

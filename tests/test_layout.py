@@ -11,11 +11,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from emu_world.config import CONFIG_DIR, to_dataclass
-from emu_world.layout import (
+from emu_world.models.layout import (
     HINT_ACTIONS, HINT_CELL, HINT_CODE, SPECIAL_TOKENS, ActionBinner, LayoutConfig, LayoutError, Role, SampleKind,
     SequenceLayout,
 )
-from emu_world.text_tokenizer import load_text_tokenizer
+from emu_world.models.text_tokenizer import load_text_tokenizer
 
 GRID = (2, 3)  # not square: catches h/w mix-ups
 K = 8
@@ -480,7 +480,7 @@ def test_frame_hints_point_at_the_previous_image_cell_by_cell(layout):
 
 @pytest.mark.parametrize("kind", list(SampleKind))
 def test_drop_conditioning_is_the_unconditional_stream(layout, kind):
-    from emu_world.generate import unconditional_prefix
+    from emu_world.models.generate import unconditional_prefix
 
     rng = np.random.default_rng(13)
     if kind == SampleKind.DYNAMICS:

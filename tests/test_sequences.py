@@ -17,10 +17,10 @@ from emu_world.data.sequences import (
     KINDS, DataConfig, HeldoutMetrics, MixtureDataset, collate, span_steps, window_frames,
 )
 from emu_world.data.tokenize import tokenize_dataset
-from emu_world.layout import LayoutConfig, Role, SampleKind, SequenceLayout
+from emu_world.models.layout import LayoutConfig, Role, SampleKind, SequenceLayout
 from emu_world.record import record
-from emu_world.tokenizer import TokenizerConfig, VisionTokenizer
-from emu_world.world_model import WorldModel, WorldModelConfig
+from emu_world.models.tokenizer import TokenizerConfig, VisionTokenizer
+from emu_world.models.world_model import WorldModel, WorldModelConfig
 from envs.explore_room import ExploreRoomEnv
 
 torch.set_num_threads(1)  # tiny tensors; the machine is shared

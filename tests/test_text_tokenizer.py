@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import envs
-from emu_world.text_tokenizer import (
+from emu_world.models.text_tokenizer import (
     SHIPPED_PATH, BpeTrainConfig, load_text_tokenizer, main, project_corpus, train_bpe,
 )
 
@@ -32,7 +32,7 @@ def test_corpus_covers_every_env_text():
 
 
 def test_shipped_file_is_up_to_date_with_the_corpus(shipped):
-    # if this fails after editing an env's task/subtask text: python -m emu_world.text_tokenizer
+    # if this fails after editing an env's task/subtask text: python -m emu_world.models.text_tokenizer
     assert train_bpe(project_corpus()).identity == shipped.identity
 
 

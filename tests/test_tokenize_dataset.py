@@ -15,7 +15,7 @@ from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
 from emu_world.data.robot_dataset import RobotDataset
 from emu_world.data.tokenize import main, open_token_store, token_cache_dir, tokenize_dataset
 from emu_world.record import record
-from emu_world.tokenizer import TokenizerConfig, VisionTokenizer
+from emu_world.models.tokenizer import TokenizerConfig, VisionTokenizer
 
 torch.set_num_threads(1)  # tiny convolutions; the machine is shared
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from emu_world.config import CONFIG_DIR, to_dataclass
 from emu_world.image_metrics import code_usage, psnr, ssim
-from emu_world.tokenizer import (
+from emu_world.models.tokenizer import (
     Emu3VisionTokenizer, TokenizerConfig, check_same_codes, VisionTokenizer, load_tokenizer, tensor_to_frames,
 )
 
@@ -144,7 +144,7 @@ def test_quantizer_matches_the_one_hot_index_formulation(tiny):
 def test_soft_assignment_backward_matches_autograd_in_float64():
     """The quantiser's hand-written (N, K) backward against autograd's numerical check, with every
     output weighted (IBQ's soft lookup, per-token entropy, batch entropy)."""
-    from emu_world.tokenizer import _SoftAssignment
+    from emu_world.models.tokenizer import _SoftAssignment
 
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(6, 10, generator=g, dtype=torch.float64)).requires_grad_()

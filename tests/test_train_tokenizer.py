@@ -17,11 +17,12 @@ from hydra import compose, initialize_config_dir
 
 from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
 from emu_world.record import record
-from emu_world.tokenizer import VisionTokenizer
+from emu_world.models.tokenizer import VisionTokenizer
 from emu_world.train import run_stage
-from emu_world.train_tokenizer import decode_episode_frames
-from emu_world.training import resolve_roots
-from emu_world.training import batch_indices, cosine_lr, find_checkpoint
+from emu_world.data.frames import decode_episode_frames
+from emu_world.data.frames import resolve_roots
+from emu_world.train.checkpoint import find_checkpoint
+from emu_world.train.loop import batch_indices, cosine_lr
 
 TASK = "widowx_pick_place"
 
@@ -253,8 +254,8 @@ def test_nudge_moves_every_value_by_at_most_one_level():
 
 
 def test_consistency_loss_is_the_ce_of_noisy_code_logits_and_trains_encoder_and_codebook():
-    from emu_world.tokenizer import TokenizerConfig
-    from emu_world.train_tokenizer import TokenizerLossConfig, consistency_loss
+    from emu_world.models.tokenizer import TokenizerConfig
+    from emu_world.train.tokenizer import TokenizerLossConfig, consistency_loss
 
     torch.manual_seed(0)
     model = VisionTokenizer(TokenizerConfig(image_size=32, channels=[8, 16], encoder_blocks=[0, 1],
@@ -298,7 +299,7 @@ def test_torchrun_two_ranks_gloo(dataset, tmp_path, run_group):
 
 
 def test_shipped_yaml_validates_without_building():
-    from emu_world.train_tokenizer import parse_config
+    from emu_world.train.tokenizer import parse_config
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for overrides in ([], ["experiment=tiny"], ["tokenizer=f16"]):
@@ -310,9 +311,9 @@ def test_shipped_yaml_validates_without_building():
 
 
 def test_shipped_default_tokenizer_matches_its_config_and_manifest():
-    from emu_world.bench import resolve_path
+    from emu_world.config import resolve_path
     from emu_world.config import to_dataclass as as_dc
-    from emu_world.tokenizer import TokenizerConfig
+    from emu_world.models.tokenizer import TokenizerConfig
 
     path = resolve_path("checkpoints/tokenizer")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

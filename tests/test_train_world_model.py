@@ -20,14 +20,14 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
-from emu_world.dida import seeded_generator
-from emu_world.layout import ActionBinner, LayoutConfig, SequenceLayout
-from emu_world.text_tokenizer import load_text_tokenizer
+from emu_world.models.dida import seeded_generator
+from emu_world.models.layout import ActionBinner, LayoutConfig, SequenceLayout
+from emu_world.models.text_tokenizer import load_text_tokenizer
 from emu_world.record import record
-from emu_world.tokenizer import TokenizerConfig, VisionTokenizer
+from emu_world.models.tokenizer import TokenizerConfig, VisionTokenizer
 from emu_world.train import run_stage
-from emu_world.train_world_model import changed_code_weights, corrupt_image_inputs
-from emu_world.training import find_checkpoint
+from emu_world.train.world_model import changed_code_weights, corrupt_image_inputs
+from emu_world.train.checkpoint import find_checkpoint
 
 torch.set_num_threads(1)  # tiny tensors; the machine is shared
 

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from emu_world.config import CONFIG_DIR, to_dataclass
-from emu_world.layout import LayoutConfig, Role, SequenceLayout
-from emu_world.text_tokenizer import load_text_tokenizer
-from emu_world.world_model import (
+from emu_world.models.layout import LayoutConfig, Role, SequenceLayout
+from emu_world.models.text_tokenizer import load_text_tokenizer
+from emu_world.models.world_model import (
     PRESETS, WorldModel, WorldModelConfig, document_mask, document_positions, next_token_loss,
 )
 
@@ -229,7 +229,7 @@ def test_int8_export_rounds_each_row_and_loads_as_float32(layout, tmp_path):
     the load dequantizes into a float32 model (tie kept) whose logits stay close to the original's."""
     from safetensors.torch import load_file
 
-    from emu_world.world_model import dequantize_int8, quantize_int8
+    from emu_world.models.world_model import dequantize_int8, quantize_int8
 
     model = tiny_model(layout, seed=3)
     with torch.no_grad():  # the zero-initialised last action layer, randomised so that it is exercised
@@ -273,7 +273,7 @@ def test_int8_export_rounds_each_row_and_loads_as_float32(layout, tmp_path):
 def test_packed_sdpa_matches_the_block_mask_in_values_and_gradients(layout):
     """model.attn_implementation=sdpa runs one causal call per packed document; the same rows
     through the 4-D block-diagonal mask give the same logits and the same gradients."""
-    from emu_world.world_model import PACKED_SDPA, document_segments
+    from emu_world.models.world_model import PACKED_SDPA, document_segments
 
     model = tiny_model(layout)
     assert model.decoder.config._attn_implementation == PACKED_SDPA

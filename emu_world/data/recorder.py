@@ -25,8 +25,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from emu_world.data.robot_dataset import (  # noqa: E402
-    ACTION_KEY, IMAGE_PREFIX, INFO_PATH, PROVENANCE_PATH, STATE_KEY, SUBTASK_KEY, SUBTASKS_PATH,
-    DatasetError, load_subtask_vocab, validate_dataset,
+    ACTION_KEY,
+    IMAGE_PREFIX,
+    INFO_PATH,
+    PROVENANCE_PATH,
+    STATE_KEY,
+    SUBTASK_KEY,
+    SUBTASKS_PATH,
+    DatasetError,
+    load_subtask_vocab,
+    validate_dataset,
 )
 
 log = logging.getLogger(__name__)

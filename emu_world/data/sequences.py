@@ -79,7 +79,15 @@ import torch.nn.functional as F
 from emu_world.data.robot_dataset import Episode, RobotDataset, Subtask
 from emu_world.data.token_store import TokenStore
 from emu_world.data.tokenize import open_token_store, token_cache_dir
-from emu_world.layout import ActionBinner, LayoutError, Packed, Role, Sample, SampleKind, SequenceLayout
+from emu_world.models.layout import (
+    ActionBinner,
+    LayoutError,
+    Packed,
+    Role,
+    Sample,
+    SampleKind,
+    SequenceLayout,
+)
 
 KINDS = tuple(SampleKind)  # dynamics, plan, exploration; index = kind id in Batch.token_kinds()
 SPLITS = ("train", "heldout")

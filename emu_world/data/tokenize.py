@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from emu_world.data.robot_dataset import IMAGE_PREFIX, RobotDataset
 from emu_world.data.token_store import TokenStore
-from emu_world.tokenizer import ImageTokenizer, load_tokenizer
+from emu_world.models.tokenizer import ImageTokenizer, load_tokenizer
 
 CACHE_DIR_NAME = "tokens"  # <dataset_root>/tokens when no cache root is given
 

@@ -68,7 +68,7 @@ def verify(root: str | Path, episodes: int = 3, tokenizer: str | Path | None = N
         raise ValueError(f"stride must be >= 1 (frames between compared codes), got {stride}")
     tok = None
     if tokenizer is not None:
-        from emu_world.tokenizer import load_tokenizer
+        from emu_world.models.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
     ds = RobotDataset(root)

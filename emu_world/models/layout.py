@@ -59,7 +59,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from emu_world.text_tokenizer import TextTokenizer, load_text_tokenizer
+from emu_world.models.text_tokenizer import TextTokenizer, load_text_tokenizer
 
 BINNER_FORMAT = "emu_world.action_binner"
 BINNER_VERSION = 1

@@ -5,15 +5,15 @@
     ids = text.encode("lift the cube")              # list[int], every id in [0, text.vocab_size)
     text.decode(ids) == "lift the cube"             # byte-level: exact for any string
 
-    python -m emu_world.text_tokenizer              # rebuild the shipped file after editing env texts
+    python -m emu_world.models.text_tokenizer              # rebuild the shipped file after editing env texts
 
 The corpus (:func:`project_corpus`) is every registered env's instruction (``task``), its subtask
 texts and, for exploration envs, the command names, plus the image meta strings ``"{h}*{w}"``
-that :mod:`emu_world.layout` writes in front of every image. Byte-level BPE keeps any other
+that :mod:`emu_world.models.layout` writes in front of every image. Byte-level BPE keeps any other
 string encodable (unknown words fall back to bytes), so a new instruction never fails to
 tokenize; it only costs more tokens until the file is rebuilt.
 
-No special tokens live here: BOS/EOS/SOV/... are ids of :class:`emu_world.layout.SequenceLayout`,
+No special tokens live here: BOS/EOS/SOV/... are ids of :class:`emu_world.models.layout.SequenceLayout`,
 placed after the text range, so the same layout works with this BPE or with a Qwen tokenizer
 (whose own specials are simply never emitted).
 
@@ -32,13 +32,13 @@ from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-SHIPPED_PATH = Path(__file__).resolve().parent / "assets" / "text_tokenizer.json"
+SHIPPED_PATH = Path(__file__).resolve().parent.parent / "assets" / "text_tokenizer.json"
 GRID_SIDES = range(1, 33)  # image meta "h*w" strings for every grid up to 32x32 go into the corpus
 
 
 @dataclass
 class BpeTrainConfig:
-    """How the shipped BPE is trained (``python -m emu_world.text_tokenizer --help``)."""
+    """How the shipped BPE is trained (``python -m emu_world.models.text_tokenizer --help``)."""
 
     vocab_size: int = 1024  # upper bound: on the small project corpus training stops earlier
     min_frequency: int = 1
@@ -130,7 +130,7 @@ def load_text_tokenizer(path: str | Path | None = None) -> TextTokenizer:
         if not SHIPPED_PATH.is_file():
             raise FileNotFoundError(
                 f"the shipped text tokenizer {SHIPPED_PATH} is missing; rebuild it with "
-                "`python -m emu_world.text_tokenizer`"
+                "`python -m emu_world.models.text_tokenizer`"
             )
         return TextTokenizer(Tokenizer.from_file(str(SHIPPED_PATH)), source="shipped")
     path = Path(path)
@@ -154,7 +154,7 @@ def load_text_tokenizer(path: str | Path | None = None) -> TextTokenizer:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m emu_world.text_tokenizer",
+        prog="python -m emu_world.models.text_tokenizer",
         description="Rebuild the shipped byte-level BPE from the project's text (env instructions, "
         "subtasks, exploration commands, grid meta strings).",
     )

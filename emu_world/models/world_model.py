@@ -7,7 +7,7 @@
     model.save("checkpoints/world_model"); WorldModel.load("checkpoints/world_model", layout)
 
 Generation (KV cache, grammar-forced structure tokens, per-modality sampling, CFG) lives in
-:mod:`emu_world.generate`; this module is the network, its loss and its checkpoint format.
+:mod:`emu_world.models.generate`; this module is the network, its loss and its checkpoint format.
 
 References and departures:
 
@@ -15,7 +15,7 @@ References and departures:
   QK-norm, grouped-query attention, SwiGLU MLP, rotary position embeddings, next-token
   prediction over text + vision tokens. We use transformers' ``Qwen3ForCausalLM`` with a small
   config, so the KV cache, SDPA and distributed tooling are the library's. Departure: the
-  vocabulary is ours (text | specials | vision codes | action bins, :mod:`emu_world.layout`).
+  vocabulary is ours (text | specials | vision codes | action bins, :mod:`emu_world.models.layout`).
 - Emu3 (arXiv 2409.18869): vision tokens weigh 0.5 in the loss. The weights come from the layout
   (``weights[i]`` weighs predicting token ``i``); the loss is their weighted mean.
 - Packing: several documents share one row; position ids restart at every document and each
@@ -45,7 +45,14 @@ from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from emu_world.layout import HINT_ACTIONS, HINT_CELL, HINT_CODE, Packed, Role, SequenceLayout
+from emu_world.models.layout import (
+    HINT_ACTIONS,
+    HINT_CELL,
+    HINT_CODE,
+    Packed,
+    Role,
+    SequenceLayout,
+)
 
 FORMAT_NAME = "emu_world.world_model"
 FORMAT_VERSION = 1
@@ -469,7 +476,7 @@ class WorldModel(nn.Module):
         return next_token_loss(logits, tokens, weights, roles)
 
     def packed_inputs(self, packed: Packed, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """The keyword arguments of :meth:`forward` for a :class:`~emu_world.layout.Packed` batch."""
+        """The keyword arguments of :meth:`forward` for a :class:`~emu_world.models.layout.Packed` batch."""
         return {
             "tokens": torch.as_tensor(packed.tokens, device=device),  # (R, L)
             "weights": torch.as_tensor(packed.weights, device=device),  # (R, L)
@@ -507,7 +514,7 @@ class WorldModel(nn.Module):
         The mask is an all-zeros (B, 1, n, P + n) additive mask (transformers 4.57 Qwen3 takes a
         ready 4-D mask with ``past_key_values`` in its sdpa and eager paths), with explicit
         positions P..P+n-1. Equal to :meth:`logits` over prefix + block with a mask that is
-        causal over the prefix and full inside the block (``emu_world.dida`` tests check it).
+        causal over the prefix and full inside the block (``emu_world.models.dida`` tests check it).
         """
         past = cache.get_seq_length()
         B, n = tokens.shape

@@ -21,7 +21,7 @@ References and departures:
   resolution; the decoder mirrors it and ends in a pixel-shuffle head. No attention blocks.
 - Codes are compared by cosine similarity (l2-normalised codes and latents, fixed logit scale),
   which keeps the softmax well conditioned; training code initialises the codebook from encoder
-  outputs and restarts dead codes (:mod:`emu_world.train_tokenizer`).
+  outputs and restarts dead codes (:mod:`emu_world.train.tokenizer`).
 - Losses here are the quantiser's raw terms; the training stage weights them together with the
   reconstruction terms (L1, L2, image-gradient, optional adversarial).
 
@@ -36,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -48,7 +47,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from emu_world.training import autocast, check_export_dtype
+from emu_world.models.weights import (
+    autocast,
+    check_export_dtype,
+    load_state_checked,
+    replace_dir,
+)
 
 FORMAT_NAME = "emu_world.vision_tokenizer"
 FORMAT_VERSION = 1
@@ -599,38 +603,6 @@ def check_config_match(expected: TokenizerConfig, saved: TokenizerConfig, where:
             "config (e.g. tokenizer=<the yaml it was trained with> or these overrides), or start a fresh run "
             "in another run_dir."
         )
-
-
-def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """Refuse ``state`` unless it has exactly the model's keys and shapes (global shapes for sharded
-    weights); returns the model's own state dict."""
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        raise ValueError(
-            f"weights in {where} do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"shape mismatches {bad[:5]}); the checkpoint was written for another config"
-        )
-    return own
-
-
-def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    own = check_state_fits(model, state, where)
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the complete folder ``tmp`` to ``final``, replacing any previous ``final``."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 # ----------------------------------------------------------------------------- a real Emu3 tokenizer

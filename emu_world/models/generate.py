@@ -5,7 +5,7 @@
     acts = gen.generate_actions(prefix, seed=0)       # ActionResult: bins (k, A), result
     out = gen.generate(prefix, max_new_tokens=500)    # until EOS or the budget
 
-At every step the layout's :class:`~emu_world.layout.StreamState` says what may come next. A
+At every step the layout's :class:`~emu_world.models.layout.StreamState` says what may come next. A
 single allowed id (BOS, the image meta ``"h*w"``, SOT, EOL, EOV, EOA after a full span, SOV
 after a maximal text) is appended without sampling; otherwise the logits are masked to the
 allowed ids and sampled with the temperature/top-k of the modality (vision codes, action bins,
@@ -22,7 +22,7 @@ only fed when vision logits are needed, so it costs one forward pass per vision 
 References and departures: Emu3/Emu3.5 sample images token by token with top-k and CFG on the
 image tokens; the structure tokens are fixed by the layout here rather than left to the model.
 Guidance only helps a model trained with conditioning dropped in the same way
-(``data.cond_dropout``: :meth:`~emu_world.layout.SequenceLayout.drop_conditioning`, the same rule);
+(``data.cond_dropout``: :meth:`~emu_world.models.layout.SequenceLayout.drop_conditioning`, the same rule);
 with scale 1 it equals no guidance.
 """
 
@@ -35,8 +35,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from emu_world.layout import Allowed, LayoutError, Parsed, SampleKind, SequenceLayout, StreamState
-from emu_world.world_model import WorldModel
+from emu_world.models.layout import (
+    Allowed,
+    LayoutError,
+    Parsed,
+    SampleKind,
+    SequenceLayout,
+    StreamState,
+)
+from emu_world.models.world_model import WorldModel
 
 MODALITIES = ("vision", "text", "action")
 

@@ -7,13 +7,13 @@
     python -m emu_world.bench dida start=previous start_time=0.5      # warm start from the previous frame
 
 What is measured. Held-out episodes are recorded from the simulator exactly as
-:mod:`emu_world.bench_world_model` does (scripted expert, episode ``i`` reset with ``seed + i``,
+:mod:`emu_world.bench.world_model` does (scripted expert, episode ``i`` reset with ``seed + i``,
 the export's camera and frame stride), encoded once, and every decoder runs the same imagined
-rollouts on them (:func:`~emu_world.bench_world_model.score_rollouts`: from ``starts`` start
+rollouts on them (:func:`~emu_world.bench.world_model.score_rollouts`: from ``starts`` start
 frames per episode, true actions, each step fed the decoder's own earlier predictions, up to
 ``max(horizons)`` frames ahead; default horizons 1 and 8). Decoders: token-by-token AR
-(:class:`~emu_world.generate.Generator`, KV cache, grammar-forced structure: the fastest AR this
-project has) and DiDA at every ``K`` in ``steps`` (:class:`~emu_world.dida.DidaSampler`: one
+(:class:`~emu_world.models.generate.Generator`, KV cache, grammar-forced structure: the fastest AR this
+project has) and DiDA at every ``K`` in ``steps`` (:class:`~emu_world.models.dida.DidaSampler`: one
 prefill + K block passes), all greedy by default (``vision.temperature=0``; DiDA's initial and
 re-noised codes still come from the seed). Per decoder: seconds per generated frame (prompt
 prefill included, tokenizer decode excluded; one untimed warm-up frame first), frames per second,
@@ -46,20 +46,28 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from emu_world.bench_world_model import (
-    EncodedEpisode, Export, Rollout, TaskSpec, build_sample, encode_episodes, open_bench, record_episodes,
-    score_rollouts, start_frames,
+from emu_world.bench.common import bench_output_dir, open_bench, score_rollouts
+from emu_world.media import save_grid
+from emu_world.models.dida import FrameDecodingConfig, FramePredictor, SamplerConfig
+from emu_world.models.export import WorldModelExport
+from emu_world.models.generate import Sampling
+from emu_world.provenance import code_version, command_line
+from emu_world.rollouts import (
+    EncodedEpisode,
+    LoadedExport,
+    Rollout,
+    TaskSpec,
+    build_sample,
+    encode_episodes,
+    record_episodes,
+    start_frames,
 )
-from emu_world.dida import (
-    FrameDecodingConfig, FramePredictor, SamplerConfig, export_noise_path, export_sampler_config, frame_predictor,
-)
-from emu_world.generate import Sampling
-from emu_world.training import code_version, command_line
 
 
-def decoders(cfg: DictConfig, manifest: dict[str, Any], vision: Sampling) -> tuple[dict[str, FrameDecodingConfig], int]:
+def decoders(cfg: DictConfig, export: WorldModelExport,
+             vision: Sampling) -> tuple[dict[str, FrameDecodingConfig], int]:
     """``{"ar": ..., "K=1": ..., ...}`` and the default K (always among them)."""
-    defaults = export_sampler_config(manifest)
+    defaults = export.sampler_config()
     default_k = int(cfg.default_steps) if cfg.get("default_steps") is not None else defaults.steps
     update = cfg.get("update")  # a key, not DictConfig.update
     update = str(update) if update is not None else defaults.update
@@ -73,7 +81,7 @@ def decoders(cfg: DictConfig, manifest: dict[str, Any], vision: Sampling) -> tup
     return out, default_k
 
 
-def warm_up(predict: FramePredictor, ex: Export, spec: TaskSpec, e: EncodedEpisode, context: int) -> int:
+def warm_up(predict: FramePredictor, ex: LoadedExport, spec: TaskSpec, e: EncodedEpisode, context: int) -> int:
     """One untimed frame (first-call overheads stay out of the timing); returns its forward passes."""
     j = start_frames(len(e.codes), context, 1, 1)[0]
     sample = build_sample(ex.layout, spec, e.episode.text, e.codes[j - context + 1:j + 1],
@@ -81,14 +89,13 @@ def warm_up(predict: FramePredictor, ex: Export, spec: TaskSpec, e: EncodedEpiso
     return predict(sample.tokens, seed=0).forward_passes
 
 
-def measure_decoders(ex: Export, tokenizer, spec: TaskSpec, encoded: list[EncodedEpisode],
-                     methods: dict[str, FrameDecodingConfig], cfg: DictConfig,
-                     noise) -> tuple[dict[str, dict[str, Any]], dict[str, Rollout]]:
+def measure_decoders(ex: LoadedExport, tokenizer, spec: TaskSpec, encoded: list[EncodedEpisode],
+                     methods: dict[str, FrameDecodingConfig], cfg: DictConfig) -> tuple[dict[str, dict[str, Any]], dict[str, Rollout]]:
     """Every decoder on the same rollouts of one task: its metrics row and its first rollout."""
     rows, firsts = {}, {}
     horizons = sorted({int(h) for h in cfg.horizons})
     for name, decoding in methods.items():
-        predict = frame_predictor(ex.model, ex.layout, decoding, spec.action_dim, noise)
+        predict = ex.export.frame_predictor(ex.model, ex.layout, decoding, tokenizer, spec.action_dim)
         passes = warm_up(predict, ex, spec, encoded[0], int(cfg.context_frames))
         t0 = time.perf_counter()
         result, rollouts = score_rollouts(predict, tokenizer, ex, spec, encoded, cfg)
@@ -122,13 +129,10 @@ def picture_rows(task: str, encoded: list[EncodedEpisode], firsts: dict[str, Rol
 
 
 def bench_dida(cfg: DictConfig) -> dict[str, Any]:
-    from emu_world.bench import bench_output_dir, save_grid
-
     setup = open_bench(cfg)
     checkpoint, tokenizer, ex, names = setup.checkpoint, setup.tokenizer, setup.export, setup.tasks
     horizons, vision = setup.horizons, setup.vision
-    methods, default_k = decoders(cfg, ex.manifest, vision)
-    noise = export_noise_path(ex.manifest, ex.layout, tokenizer)
+    methods, default_k = decoders(cfg, ex.export, vision)
     per_task, pictures = {}, []
     for name in names:
         spec = ex.tasks[name]
@@ -138,14 +142,14 @@ def bench_dida(cfg: DictConfig) -> dict[str, Any]:
         print(f"{name}: recorded {sum(len(e.frames) for e in episodes)} frames in {time.perf_counter() - t0:.1f}s",
               file=sys.stderr, flush=True)
         encoded = encode_episodes(tokenizer, ex.layout, spec, episodes)
-        per_task[name], firsts = measure_decoders(ex, tokenizer, spec, encoded, methods, cfg, noise)
+        per_task[name], firsts = measure_decoders(ex, tokenizer, spec, encoded, methods, cfg)
         pictures += picture_rows(name, encoded, firsts, horizons)
     head = names[0]
     sweep = per_task[head]
     d, ar = sweep[f"K={default_k}"], sweep["ar"]
     summary: dict[str, Any] = {
         "benchmark": "dida", "checkpoint": str(checkpoint), "tokenizer": tokenizer.identity(),
-        "dida_adapted": bool(ex.manifest.get("dida")), "headline_task": head, "default_steps": default_k,
+        "dida_adapted": ex.export.dida_adapted, "headline_task": head, "default_steps": default_k,
         "update": methods[f"K={default_k}"].dida.update, "start": methods[f"K={default_k}"].dida.start,
         "start_time": methods[f"K={default_k}"].dida.start_time,
         "speedup_vs_ar": d["speedup_vs_ar"],

@@ -35,7 +35,7 @@ block mask is not built: the CPU default is sdpa with the dense mask.
 
 Sampler (:class:`DidaSampler`). The layout's grammar places the image (SOV, the meta text and SOT
 are forced after the prompt); the prompt through the meta text is prefilled into a KV cache
-once; then K passes of :meth:`~emu_world.world_model.WorldModel.refine_block` over the n-token
+once; then K passes of :meth:`~emu_world.models.world_model.WorldModel.refine_block` over the n-token
 block ``[SOT, x_a .. x_{b-2}]`` (positions ``p(a-1) .. p(b-2)``, full attention to the cache,
 bidirectional inside, the cache cropped back after each pass). EOLs are fixed by the layout;
 codes start uniformly random (seeded) at ``t_0 = 0``, or with ``sampler.start=previous`` from the
@@ -55,7 +55,7 @@ spanning ``t_0 .. 1``. Update rules (``sampler.update``):
   noise it was trained on); the last step fixes all.
 
 Image-only classifier-free guidance (``cfg_scale``): a second cache holds the unconditional
-prompt (:func:`~emu_world.generate.unconditional_prefix`), each step runs the block through
+prompt (:func:`~emu_world.models.generate.unconditional_prefix`), each step runs the block through
 both, and the vision logits are ``uncond + s * (cond - uncond)``. Forward passes: 1 prefill + K
 (doubled with guidance). Everything is seeded by one ``torch.Generator``: same seed, same frame.
 
@@ -84,9 +84,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from emu_world.generate import Generator, GenerationConfig, Sampling, unconditional_prefix
-from emu_world.layout import HINT_CODE, LayoutError, Packed, SequenceLayout
-from emu_world.world_model import WorldModel, document_mask, next_token_loss
+from emu_world.models.generate import (
+    GenerationConfig,
+    Generator,
+    Sampling,
+    unconditional_prefix,
+)
+from emu_world.models.layout import HINT_CODE, LayoutError, Packed, SequenceLayout
+from emu_world.models.world_model import WorldModel, document_mask, next_token_loss
 
 NOISE_PATHS = ("uniform", "metric")
 SCHEDULES = ("linear", "cosine")
@@ -175,7 +180,7 @@ def codebook_distances(codebook: torch.Tensor) -> torch.Tensor:
 
 
 def tokenizer_codebook(tokenizer: Any) -> torch.Tensor:
-    """The (K, D) code vectors of an IBQ :class:`~emu_world.tokenizer.VisionTokenizer` (metric noise)."""
+    """The (K, D) code vectors of an IBQ :class:`~emu_world.models.tokenizer.VisionTokenizer` (metric noise)."""
     quantizer = getattr(tokenizer, "quantizer", None)
     if quantizer is None or not hasattr(quantizer, "normalized_codebook"):
         raise ValueError(f"dida.noise.path=metric needs the code vectors of the vision tokenizer; "
@@ -375,7 +380,7 @@ def noisy_copy_scores(logits: torch.Tensor, labels: torch.Tensor,
 
 def dida_loss(model: WorldModel, batch: DidaBatch, weight: float,
               layout: SequenceLayout) -> tuple[torch.Tensor, dict[str, float]]:
-    """AR loss on the clean tokens (layout weights, :func:`~emu_world.world_model.next_token_loss`)
+    """AR loss on the clean tokens (layout weights, :func:`~emu_world.models.world_model.next_token_loss`)
     + ``weight`` x mean CE of the noisy blocks' vision labels, from one forward pass over the row.
 
     Logs: ``loss`` (the total), ``ar/loss``, ``ce/<role>`` of the clean part, ``tokens``,
@@ -589,7 +594,7 @@ class FramePredictor(Protocol):
 
 
 class ARFramePredictor:
-    """Token-by-token decoding (:class:`~emu_world.generate.Generator`, KV cache)."""
+    """Token-by-token decoding (:class:`~emu_world.models.generate.Generator`, KV cache)."""
 
     def __init__(self, generator: Generator):
         self.generator = generator
@@ -618,31 +623,12 @@ def frame_predictor(model: WorldModel, layout: SequenceLayout, config: FrameDeco
                     action_dim: int | None = None,
                     noise: NoisePath | None = None) -> ARFramePredictor | DidaFramePredictor:
     """The frame decoder ``config.decoding`` names; ``noise`` is the model's path (DiDA only;
-    :func:`export_noise_path` reads it from an export)."""
+    :meth:`~emu_world.models.export.WorldModelExport.noise_path` reads it from an export)."""
     if config.decoding == "ar":
         gen = Generator(model, layout, GenerationConfig(vision=config.vision, cfg_scale=config.cfg_scale),
                         action_dim=action_dim)
         return ARFramePredictor(gen)
     if noise is None:
-        raise ValueError("decoding=dida needs the model's noise path (export_noise_path(manifest, layout, tokenizer))")
+        raise ValueError("decoding=dida needs the model's noise path (WorldModelExport.noise_path(layout, tokenizer))")
     return DidaFramePredictor(DidaSampler(model, layout, noise, config.dida, config.vision, config.cfg_scale,
                                           action_dim))
-
-
-def export_noise_path(manifest: dict[str, Any], layout: SequenceLayout, tokenizer: Any = None) -> NoisePath:
-    """The noise path a world-model export was adapted with (``manifest["dida"]["noise"]``); an
-    export that was never DiDA-adapted gets the uniform/linear default."""
-    entry = (manifest.get("dida") or {}).get("noise")
-    config = NoiseConfig(**entry) if entry else NoiseConfig()
-    codebook = tokenizer_codebook(tokenizer) if config.path == "metric" else None
-    return NoisePath(config, layout.codebook_size, codebook)
-
-
-def export_sampler_config(manifest: dict[str, Any]) -> SamplerConfig:
-    """The sampler defaults a DiDA export records (``manifest["dida"]["sampler"]``), else the defaults
-    (an entry without ``start`` predates it: ``start=noise``)."""
-    entry = (manifest.get("dida") or {}).get("sampler")
-    if not entry:
-        return SamplerConfig()
-    # exports recorded before sampler.start existed were adapted and measured starting from noise
-    return SamplerConfig(**{"start": "noise", **entry})

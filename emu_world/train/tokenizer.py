@@ -36,7 +36,6 @@ float32, and evaluation and the export are the usual float32 model.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,15 +48,28 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from emu_world.config import to_dataclass
+from emu_world.data.frames import FrameDataConfig, FrameSet, load_frame_sets
+from emu_world.errors import UserError
 from emu_world.image_metrics import code_stability, code_usage, nudge, psnr
-from emu_world.tokenizer import (
-    DECODER_ONLY_FIELDS, TokenizerConfig, VisionTokenizer, check_config_match, frames_to_tensor, read_tokenizer_meta,
+from emu_world.models.tokenizer import (
+    DECODER_ONLY_FIELDS,
+    TokenizerConfig,
+    VisionTokenizer,
+    check_config_match,
+    frames_to_tensor,
+    read_tokenizer_meta,
 )
-from emu_world.training import (
-    DistInfo, FrameDataConfig, LoopConfig, MetricLogger, TrainResult, all_reduce_mean, all_reduce_sum, average_gradients, batch_indices,
-    broadcast_, check_export_dtype, checkpoint_to_resume, code_version, command_line, cosine_lr, init_distributed, load_checkpoint,
-    read_checkpoint_meta, resolve_roots, save_checkpoint, set_lr, teardown_distributed,
+from emu_world.models.weights import check_export_dtype
+from emu_world.provenance import code_version, command_line
+from emu_world.train.checkpoint import LoadedCheckpoint
+from emu_world.train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    average_gradients,
+    broadcast_,
 )
+from emu_world.train.loop import LoopConfig, Stage, batch_indices
 
 
 @dataclass
@@ -97,125 +109,6 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         check_export_dtype(self.dtype, "export.dtype")
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class FrameSet:
-    """Frames of one (dataset, camera): training frames and held-out frames, uint8 (N, H, W, 3)."""
-
-    root: str
-    camera: str
-    env: str
-    train: np.ndarray
-    held_out: np.ndarray
-    train_episodes: int
-    held_out_episodes: list[int]
-    stride: int
-
-    @property
-    def name(self) -> str:
-        short = self.camera.removeprefix("observation.images.")
-        return f"{self.env or Path(self.root).name}/{short}"
-
-    def describe(self) -> dict[str, Any]:
-        return {"root": self.root, "camera": self.camera, "env": self.env, "train_episodes": self.train_episodes,
-                "held_out_episodes": self.held_out_episodes, "train_frames": int(len(self.train)),
-                "held_out_frames": int(len(self.held_out)), "frame_stride": self.stride}
-
-
-def episode_table(root: Path) -> list[dict[str, Any]]:
-    """Rows of ``meta/episodes/*/*.parquet`` by episode index (read with pandas: no lerobot import)."""
-    import pandas as pd
-
-    df = pd.concat([pd.read_parquet(p) for p in sorted(Path(root).glob("meta/episodes/*/*.parquet"))])
-    rows = df.sort_values("episode_index").to_dict("records")
-    if [int(r["episode_index"]) for r in rows] != list(range(len(rows))):
-        raise ValueError(f"{root}: meta/episodes does not list episodes 0..{len(rows) - 1}; the dataset is damaged")
-    return rows
-
-
-def decode_episode_frames(ds, key: str, episodes: list[int], stride: int) -> list[np.ndarray]:
-    """Frames ``0, stride, 2*stride, ...`` of each episode for camera ``key``: uint8 (T_i, H, W, 3).
-
-    Decodes each video file once, sequentially (thousands of frames/s with PyAV), instead of
-    seeking per episode; it reads the same frames as ``RobotDataset.episode``.
-    """
-    import av
-
-    if ds.features[key]["dtype"] != "video":
-        return [ds.episode(e, cameras=[key]).frames[key][::stride] for e in episodes]
-    meta = episode_table(ds.root)
-    info, fps = ds.info, ds.fps
-    wanted: dict[tuple[int, int], dict[int, tuple[int, int]]] = {}  # file -> frame index in file -> (episode, slot)
-    lengths: dict[int, int] = {}
-    for e in episodes:
-        m = meta[e]
-        length = int(m["dataset_to_index"]) - int(m["dataset_from_index"])
-        first = int(round(float(m[f"videos/{key}/from_timestamp"]) * fps))
-        picks = list(range(0, length, stride))
-        lengths[e] = len(picks)
-        file = (int(m[f"videos/{key}/chunk_index"]), int(m[f"videos/{key}/file_index"]))
-        for slot, t in enumerate(picks):
-            wanted.setdefault(file, {})[first + t] = (e, slot)
-    out: dict[int, list[np.ndarray | None]] = {e: [None] * lengths[e] for e in episodes}
-    for (chunk, file_index), picks in wanted.items():
-        path = ds.root / info["video_path"].format(video_key=key, chunk_index=chunk, file_index=file_index)
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for frame in container.decode(stream):
-                idx = int(round(float(frame.pts * stream.time_base) * fps))
-                if idx in picks:
-                    e, slot = picks[idx]
-                    out[e][slot] = frame.to_ndarray(format="rgb24")
-    result = []
-    for e in episodes:
-        missing = sum(f is None for f in out[e])
-        if missing:
-            raise ValueError(f"{ds.root}: {missing} frames of episode {e} ({key}) are missing from the video; "
-                             "the dataset is damaged: re-record it")
-        result.append(np.stack(out[e]))  # (T_e, H, W, 3)
-    return result
-
-
-def load_frame_sets(cfg: FrameDataConfig, image_size: int, log=print) -> list[FrameSet]:
-    """Decode training and held-out frames of every (dataset, camera)."""
-    from emu_world.data.robot_dataset import RobotDataset
-
-    sets: list[FrameSet] = []
-    for root in resolve_roots(cfg.roots):
-        ds = RobotDataset(root, cameras=cfg.cameras, check_videos=False)
-        n = ds.num_episodes
-        if n <= cfg.eval_episodes:
-            raise ValueError(
-                f"{root} has {n} episodes; holding out dataset.eval_episodes={cfg.eval_episodes} leaves none to "
-                "train on. Record more episodes or lower dataset.eval_episodes."
-            )
-        train_eps, held_eps = list(range(n - cfg.eval_episodes)), list(range(n - cfg.eval_episodes, n))
-        meta = episode_table(root)
-        train_len = sum(int(meta[e]["dataset_to_index"]) - int(meta[e]["dataset_from_index"]) for e in train_eps)
-        stride = max(1, math.ceil(train_len / cfg.frames_per_dataset))
-        env = str(ds.provenance.get("env", ""))
-        for key in ds.camera_keys:
-            shape = tuple(ds.features[key]["shape"])
-            hw = shape[:2] if shape[-1] == 3 else shape[1:]
-            if tuple(hw) != (image_size, image_size):
-                raise ValueError(
-                    f"{root} camera {key} has {hw[0]}x{hw[1]} frames but tokenizer.image_size={image_size}; "
-                    f"set tokenizer.image_size={hw[0]} (and a matching stem) or record at {image_size}x{image_size}"
-                )
-            t0 = time.perf_counter()
-            train = np.concatenate(decode_episode_frames(ds, key, train_eps, stride))
-            held = np.concatenate(decode_episode_frames(ds, key, held_eps, 1))
-            pick = np.linspace(0, len(held) - 1, min(cfg.eval_frames, len(held))).round().astype(int)
-            fs = FrameSet(str(root), key, env, train, held[pick], len(train_eps), held_eps, stride)
-            log(f"data {fs.name}: {len(train)} training frames (stride {stride}, {len(train_eps)} episodes), "
-                f"{len(pick)} held-out frames from episodes {held_eps}, decoded in {time.perf_counter() - t0:.1f}s")
-            sets.append(fs)
-    return sets
 
 
 # ----------------------------------------------------------------------------- model pieces
@@ -269,13 +162,9 @@ def consistency_loss(model: VisionTokenizer, x: torch.Tensor, codes: torch.Tenso
     return F.cross_entropy(logits, codes.detach().reshape(-1))
 
 
-def train_step(model: VisionTokenizer, opt: torch.optim.Optimizer, x: torch.Tensor, step: int,
-               loss_cfg: TokenizerLossConfig, loop: LoopConfig, info: DistInfo,
-               disc: PatchDiscriminator | None = None, opt_d: torch.optim.Optimizer | None = None,
-               seed: int = 0) -> StepResult:
-    """One optimisation step on this rank's share ``x`` (B, 3, H, W) of the global batch (random
-    draws: a pure function of ``seed``, ``step`` and the rank)."""
-    model.train()
+def reconstruct(model: VisionTokenizer, x: torch.Tensor, loss_cfg: TokenizerLossConfig, loop: LoopConfig):
+    """``model``'s reconstruction of ``x`` (B, 3, H, W) for a training step: (recon, latents z, code
+    counts, the quantiser output or None with frozen codes)."""
     if loss_cfg.freeze_codes:  # the codes are fixed: encode without gradient, decode the looked-up codes
         with torch.no_grad():
             z = model.encode_latents(x)  # (B, D, h, w), float32 as in ``encode``
@@ -283,21 +172,42 @@ def train_step(model: VisionTokenizer, opt: torch.optim.Optimizer, x: torch.Tens
             z_q = model.quantizer.lookup(codes)  # the exact decoder input of ``decode``
         with loop.autocast():
             rec = model.decoder(z_q).float()
-        counts = torch.bincount(codes.reshape(-1), minlength=model.codebook_size).to(torch.float32)
-    else:
-        with loop.autocast():  # bfloat16: encoder and decoder convolutions; the quantiser stays float32
-            out = model(x)
-        q = out.quant
-        rec, z, counts = out.recon.float(), out.z.float(), q.counts
+        return rec, z, torch.bincount(codes.reshape(-1), minlength=model.codebook_size).to(torch.float32), None
+    with loop.autocast():  # bfloat16: encoder and decoder convolutions; the quantiser stays float32
+        out = model(x)
+    return out.recon.float(), out.z.float(), out.quant.counts, out.quant
+
+
+def discriminator_step(disc: PatchDiscriminator, opt_d: torch.optim.Optimizer, x: torch.Tensor, rec: torch.Tensor,
+                       loop: LoopConfig, info: DistInfo) -> torch.Tensor:
+    """One hinge-loss step of the critic on real ``x`` and reconstructed ``rec``; returns its loss."""
+    opt_d.zero_grad(set_to_none=True)
+    with loop.autocast():
+        d_real, d_fake = disc(x).float(), disc(rec.detach()).float()
+    d_loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+    d_loss.backward()
+    average_gradients(disc, info)
+    opt_d.step()
+    return d_loss
+
+
+def train_step(model: VisionTokenizer, opt: torch.optim.Optimizer, x: torch.Tensor, step: int,
+               loss_cfg: TokenizerLossConfig, loop: LoopConfig, info: DistInfo,
+               disc: PatchDiscriminator | None = None, opt_d: torch.optim.Optimizer | None = None,
+               seed: int = 0) -> StepResult:
+    """One optimisation step on this rank's share ``x`` (B, 3, H, W) of the global batch (random
+    draws: a pure function of ``seed``, ``step`` and the rank)."""
+    model.train()
+    rec, z, counts, q = reconstruct(model, x, loss_cfg, loop)
     terms = {
         "l1": (rec - x).abs().mean(),
         "l2": (rec - x).pow(2).mean(),
         "gradient": gradient_loss(rec, x),
         "hard": hard_pixel_loss(rec, x, loss_cfg.hard_fraction) if loss_cfg.hard > 0 else torch.zeros(()),
     }
-    if not loss_cfg.freeze_codes:
+    if q is not None:
         terms.update(commit=q.commit_loss, quant=q.quant_loss, entropy=q.entropy_loss)
-    if loss_cfg.consistency > 0 and not loss_cfg.freeze_codes:
+    if loss_cfg.consistency > 0 and q is not None:
         g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1024 + info.rank)
         with loop.autocast():
             terms["consistency"] = consistency_loss(model, x, q.codes, loss_cfg.consistency_noise, g)
@@ -316,14 +226,7 @@ def train_step(model: VisionTokenizer, opt: torch.optim.Optimizer, x: torch.Tens
     opt.step()
     if adversarial:
         assert opt_d is not None
-        opt_d.zero_grad(set_to_none=True)
-        with loop.autocast():
-            d_real, d_fake = disc(x).float(), disc(rec.detach()).float()
-        d_loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
-        d_loss.backward()
-        average_gradients(disc, info)
-        opt_d.step()
-        terms["d_loss"] = d_loss
+        terms["d_loss"] = discriminator_step(disc, opt_d, x, rec, loop, info)
     logs = {k: v.detach() for k, v in terms.items()}
     logs["loss"] = loss.detach()
     stacked = all_reduce_mean(torch.stack([logs[k].float() for k in sorted(logs)]), info)
@@ -393,7 +296,7 @@ def evaluate(model: VisionTokenizer, sets: list[FrameSet], batch_size: int = 64)
             "code_stability": round(code_stability(torch.cat(all_codes), torch.cat(all_nudged)), 4)}
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the stage
 
 
 @dataclass
@@ -413,13 +316,13 @@ def parse_config(cfg: DictConfig) -> Parts:
     if parts.init is not None:
         check_init(parts.init, parts.tokenizer, parts.loss.freeze_codes)
     elif parts.loss.freeze_codes:
-        raise ValueError("tokenizer_loss.freeze_codes=true keeps the codes of a trained tokenizer: name it with "
-                         "init=<tokenizer folder> (e.g. init=checkpoints/tokenizer)")
+        raise UserError("tokenizer_loss.freeze_codes=true keeps the codes of a trained tokenizer: name it with "
+                        "init=<tokenizer folder> (e.g. init=checkpoints/tokenizer)")
     loop = parts.loop
     if (loop.device, loop.parallel) != ("cpu", "ddp"):
-        raise ValueError(f"train.device={loop.device} train.parallel={loop.parallel}: cuda and fsdp are for "
-                         "stage=world_model and stage=dida; the tokenizer trains on CPU, replicated over torchrun "
-                         "ranks (drop those overrides)")
+        raise UserError(f"train.device={loop.device} train.parallel={loop.parallel}: cuda and fsdp are for "
+                        "stage=world_model and stage=dida; the tokenizer trains on CPU, replicated over torchrun "
+                        "ranks (drop those overrides)")
     return parts
 
 
@@ -432,7 +335,7 @@ def check_init(path: Path, config: TokenizerConfig, freeze_codes: bool) -> None:
         diff = sorted(k for k in a if k not in DECODER_ONLY_FIELDS and a[k] != b[k])
         if diff:
             listed = ", ".join(f"{k}: config {a[k]!r} vs init {b[k]!r}" for k in diff)
-            raise ValueError(
+            raise UserError(
                 f"tokenizer_loss.freeze_codes=true keeps the encoder and codebook of init={path}, so the tokenizer "
                 f"config may differ from it only in {list(DECODER_ONLY_FIELDS)}; it differs in {listed}. Drop those "
                 "overrides (or train the whole tokenizer without freeze_codes)"
@@ -451,137 +354,92 @@ def warm_start(model: VisionTokenizer, path: Path, log=print) -> VisionTokenizer
     return init
 
 
-def check_resume_config(saved: dict[str, Any], current: dict[str, Any], where: Path) -> list[str]:
-    """Reject a checkpoint of another tokenizer architecture; list other differing settings."""
-    check_config_match(TokenizerConfig.from_dict(current["tokenizer"]), TokenizerConfig.from_dict(saved["tokenizer"]),
-                       str(where))
-    ignore = {"resume", "overwrite", "train.stop_after", "train.log_every", "train.eval_every", "train.save_every"}
-    diffs = []
-
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-        elif a != b and prefix not in ignore:
-            diffs.append(f"{prefix}: checkpoint {b!r} vs now {a!r}")
-
-    walk({k: v for k, v in current.items() if k != "tokenizer"}, {k: v for k, v in saved.items() if k != "tokenizer"}, "")
-    return diffs
-
-
 def to_input(frames: torch.Tensor, image_size: int) -> torch.Tensor:
     return frames_to_tensor(frames, image_size).contiguous(memory_format=torch.channels_last)
 
 
-def run(cfg: DictConfig) -> TrainResult:
-    """Train (or resume) the tokenizer described by the composed ``configs/train.yaml``."""
-    parts = parse_config(cfg)
-    info = init_distributed(parts.loop.threads)
-    try:
-        return _run(cfg, parts, info)
-    finally:
-        teardown_distributed()
+class TokenizerStage(Stage):
+    """``stage=tokenizer``: frames of the datasets in memory, the IBQ tokenizer (and the optional
+    critic), dead-code restarts, held-out PSNR / usage / stability, the tokenizer folder as export."""
 
+    name = "tokenizer"
 
-def _run(cfg: DictConfig, parts: Parts, info: DistInfo) -> TrainResult:
-    tok_cfg, loop, loss_cfg = parts.tokenizer, parts.loop, parts.loss
-    log = print if info.is_main else (lambda *a, **k: None)
-    seed = int(cfg.seed)
-    run_dir = Path(cfg.run_dir)
-    if loop.batch_size % info.world_size:
-        raise ValueError(f"train.batch_size={loop.batch_size} must be divisible by the {info.world_size} torchrun ranks")
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(resolved, dict)
-    ckpt_path = checkpoint_to_resume(run_dir, bool(cfg.resume), bool(cfg.overwrite))
-    resuming = ckpt_path is not None
-    if resuming:
-        diffs = check_resume_config(read_checkpoint_meta(ckpt_path)["config"], resolved, ckpt_path)
-        if diffs:
-            log("warning: resuming with settings that differ from the checkpoint (the loss curve will differ): "
-                + "; ".join(diffs))
+    def __init__(self, cfg: DictConfig):
+        self.parts = parse_config(cfg)
+        self.loop, self.seed = self.parts.loop, int(cfg.seed)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(resolved, dict)
+        self.resolved = resolved
 
-    torch.manual_seed(seed)
-    t_data = time.perf_counter()
-    sets = load_frame_sets(parts.data, tok_cfg.image_size, log=log)
-    train_frames = torch.from_numpy(np.concatenate([fs.train for fs in sets]))  # (N, H, W, 3) uint8
-    data_seconds = time.perf_counter() - t_data
-    log(f"data: {len(train_frames)} training frames from {len(sets)} (dataset, camera) pairs in {data_seconds:.1f}s")
+    def prepare(self, info: DistInfo) -> None:
+        if self.loop.batch_size % info.world_size:
+            raise UserError(f"train.batch_size={self.loop.batch_size} must be divisible by the {info.world_size} "
+                            "torchrun ranks")
 
-    model = VisionTokenizer(tok_cfg).to(memory_format=torch.channels_last)
-    init = warm_start(model, parts.init, log) if parts.init is not None and not resuming else None
-    if loss_cfg.freeze_codes:
-        for p in [*model.encoder.parameters(), *model.quantizer.parameters()]:
-            p.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay,
-                            foreach=True)
-    disc = PatchDiscriminator() if loss_cfg.adversarial > 0 else None
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=loop.lr, betas=(0.5, 0.9)) if disc is not None else None
-    models: dict[str, nn.Module] = {"model": model, **({"discriminator": disc} if disc is not None else {})}
-    optims = {"model": opt, **({"discriminator": opt_d} if opt_d is not None else {})}
-    usage = torch.zeros(tok_cfg.codebook_size)
-    step, train_seconds = 0, 0.0
-    if resuming:
-        loaded = load_checkpoint(ckpt_path, models, optims)
-        step, train_seconds = loaded.step, float(loaded.state.get("train_seconds", 0.0))
-        usage = loaded.extra_tensors["usage"].clone()
-        log(f"resumed from {ckpt_path} at step {step}")
-    elif parts.init is None or model.quantizer.codebook.shape != init.quantizer.codebook.shape:
-        first = batch_indices(0, loop.batch_size, len(train_frames), seed)[info.rank:: info.world_size]
-        init_codebook(model, to_input(train_frames[first], tok_cfg.image_size), seed, info)
+    def check_resume(self, meta: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint of another tokenizer architecture."""
+        check_config_match(TokenizerConfig.from_dict(self.resolved["tokenizer"]),
+                           TokenizerConfig.from_dict(meta["config"]["tokenizer"]), str(path))
 
-    logger = MetricLogger(run_dir, info.is_main, truncate_after_step=step if resuming else None)
-    if info.is_main and not resuming:
-        logger.path.unlink(missing_ok=True)
+    def build(self, resuming: bool) -> None:
+        parts, loop, info = self.parts, self.loop, self.info
+        torch.manual_seed(self.seed)
+        t_data = time.perf_counter()
+        self.sets = load_frame_sets(parts.data, parts.tokenizer.image_size, log=self.log)
+        self.train_frames = torch.from_numpy(np.concatenate([fs.train for fs in self.sets]))  # (N, H, W, 3) uint8
+        self.data_seconds = time.perf_counter() - t_data
+        self.log(f"data: {len(self.train_frames)} training frames from {len(self.sets)} (dataset, camera) pairs in "
+                 f"{self.data_seconds:.1f}s")
+        self.model = model = VisionTokenizer(parts.tokenizer).to(memory_format=torch.channels_last)
+        init = warm_start(model, parts.init, self.log) if parts.init is not None and not resuming else None
+        if parts.loss.freeze_codes:
+            for p in [*model.encoder.parameters(), *model.quantizer.parameters()]:
+                p.requires_grad_(False)
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=loop.lr,
+                                     betas=tuple(loop.betas), weight_decay=loop.weight_decay, foreach=True)
+        self.disc = PatchDiscriminator() if parts.loss.adversarial > 0 else None
+        self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=loop.lr, betas=(0.5, 0.9)) \
+            if self.disc is not None else None
+        self.models = {"model": model, **({"discriminator": self.disc} if self.disc is not None else {})}
+        self.optimizers = {"model": self.opt, **({"discriminator": self.opt_d} if self.opt_d is not None else {})}
+        self.usage = torch.zeros(parts.tokenizer.codebook_size)
+        if not resuming and (init is None or model.quantizer.codebook.shape != init.quantizer.codebook.shape):
+            first = batch_indices(0, loop.batch_size, len(self.train_frames), self.seed)[info.rank:: info.world_size]
+            init_codebook(model, to_input(self.train_frames[first], parts.tokenizer.image_size), self.seed, info)
 
-    def checkpoint() -> None:
-        if info.is_main:
-            save_checkpoint(run_dir, models, optims, step, {"train_seconds": train_seconds}, resolved,
-                            extra_tensors={"usage": usage})
+    def restore(self, loaded: LoadedCheckpoint) -> None:
+        self.usage = loaded.extra_tensors["usage"].clone()
 
-    history: list[dict[str, float]] = []
-    start_step = step
-    restart_until = int(loss_cfg.restart_until * loop.steps)
-    t_last = time.perf_counter()
-    while step < loop.steps:
-        t0 = time.perf_counter()
-        idx = batch_indices(step, loop.batch_size, len(train_frames), seed)[info.rank:: info.world_size]
-        x = to_input(train_frames[idx], tok_cfg.image_size)
-        lr = cosine_lr(step, loop.steps, loop.lr, loop.warmup_steps, loop.min_lr_ratio)
-        set_lr(opt, lr)
-        if opt_d is not None:
-            set_lr(opt_d, lr)
-        result = train_step(model, opt, x, step, loss_cfg, loop, info, disc, opt_d, seed)
-        usage.mul_(loss_cfg.usage_decay).add_(result.counts, alpha=1 - loss_cfg.usage_decay)
+    def train_step(self, step: int) -> dict[str, float]:
+        parts, loop, info, loss_cfg = self.parts, self.loop, self.info, self.parts.loss
+        idx = batch_indices(step, loop.batch_size, len(self.train_frames), self.seed)[info.rank:: info.world_size]
+        x = to_input(self.train_frames[idx], parts.tokenizer.image_size)
+        result = train_step(self.model, self.opt, x, step, loss_cfg, loop, info, self.disc, self.opt_d, self.seed)
+        self.usage.mul_(loss_cfg.usage_decay).add_(result.counts, alpha=1 - loss_cfg.usage_decay)
         restarted = 0
-        if loss_cfg.restart_every > 0 and not loss_cfg.freeze_codes and (step + 1) % loss_cfg.restart_every == 0 and step + 1 <= restart_until:
-            restarted = restart_dead_codes(model, opt, usage, result.z, step, seed, loss_cfg, info)
-        step += 1
-        train_seconds += time.perf_counter() - t0
-        record = {"step": step, "lr": lr, **result.logs, "restarted": restarted}
-        history.append(record)
-        if step % loop.log_every == 0 or step == loop.steps:
-            record["running_usage"] = float((usage > loss_cfg.restart_threshold * usage.mean()).float().mean())
-            record["sec_per_step"] = (time.perf_counter() - t_last) / loop.log_every
-            record["train_seconds"] = train_seconds
-            t_last = time.perf_counter()
-            logger.log({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()})
-        if loop.eval_every > 0 and step % loop.eval_every == 0 and step < loop.steps and info.is_main:
-            logger.log({"step": step, "eval": evaluate(model, sets)})
-        stopping = loop.stop_requested(step, start_step)
-        if step % loop.save_every == 0 or step == loop.steps or stopping:
-            checkpoint()
-        if stopping:
-            log(f"stopping after {loop.stop_after} steps at step {step} (train.stop_after); resume=true continues")
-            return TrainResult("tokenizer", run_dir, step, history, None, None, train_seconds)
+        if loss_cfg.restart_every > 0 and not loss_cfg.freeze_codes and (step + 1) % loss_cfg.restart_every == 0 \
+                and step + 1 <= int(loss_cfg.restart_until * loop.steps):
+            restarted = restart_dead_codes(self.model, self.opt, self.usage, result.z, step, self.seed, loss_cfg, info)
+        return {**result.logs, "restarted": restarted}
 
-    final = export_dir = None
-    if info.is_main:
-        final = evaluate(model, sets)
-        logger.log({"step": step, "eval": final, "train_seconds": round(train_seconds, 1)})
-        export_dir = export(model, parts, sets, resolved, final, train_seconds, data_seconds, info,
-                            Path(parts.export.dir) if parts.export.dir else run_dir / "tokenizer")
-        final = json.loads((export_dir / "manifest.json").read_text())["metrics"]
-    return TrainResult("tokenizer", run_dir, step, history, final, export_dir, train_seconds)
+    def log_extras(self) -> dict[str, Any]:
+        usage = self.usage
+        return {"running_usage": float((usage > self.parts.loss.restart_threshold * usage.mean()).float().mean())}
+
+    def evaluate(self) -> dict[str, Any]:
+        return evaluate(self.model, self.sets)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return {"usage": self.usage}
+
+    def export(self, final: dict[str, Any] | None, train_seconds: float) -> tuple[Path | None, dict[str, Any] | None]:
+        if not self.info.is_main:
+            return None, final
+        assert final is not None
+        out = Path(self.parts.export.dir) if self.parts.export.dir else Path(self.resolved["run_dir"]) / "tokenizer"
+        export_dir = export(self.model, self.parts, self.sets, self.resolved, final, train_seconds, self.data_seconds,
+                            self.info, out)
+        return export_dir, json.loads((export_dir / "manifest.json").read_text())["metrics"]
 
 
 def export(model: VisionTokenizer, parts: Parts, sets: list[FrameSet], resolved: dict[str, Any],

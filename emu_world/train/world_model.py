@@ -25,7 +25,7 @@ the G batches' losses whatever the number of ranks, and resuming at a step resto
 Loop (explicit, one function per piece): ``train_step`` (weighted next-token CE, gradient
 accumulation, all-reduce, clipping, AdamW with linear warm-up then cosine LR), ``evaluate``
 (per-kind held-out loss and next-frame token accuracy, :class:`HeldoutMetrics`, every
-``train.eval_every`` steps and at the end), checkpoints (:mod:`emu_world.training`: model,
+``train.eval_every`` steps and at the end), checkpoints (:mod:`emu_world.train.loop`: model,
 optimizer, step, RNG; atomic, exact resume) and ``export`` (``WorldModel.save`` + the action
 binners + ``manifest.json`` with the tokenizer identity).
 
@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,24 +58,44 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from emu_world.config import to_dataclass
-from emu_world.data.sequences import DataConfig, DatasetSpec, HeldoutMetrics, MixtureDataset
-from emu_world.data.tokenize import tokenize_dataset
-from emu_world.dida import NoiseConfig, NoisePath, seeded_generator
-from emu_world.layout import HINT_CODE, ActionBinner, LayoutConfig, Packed, SequenceLayout
-from emu_world.tokenizer import ImageTokenizer, check_same_codes, load_state_checked, load_tokenizer
-from emu_world.training import (
-    DistInfo, FrameDataConfig, LoopConfig, MetricLogger, TrainResult, all_reduce_sum, average_gradients,
-    check_export_dtype, checkpoint_to_resume, code_version, command_line, cosine_lr, gather_states, init_distributed,
-    load_checkpoint,
-    place_model, read_checkpoint_meta, resolve_roots, save_checkpoint, set_lr, teardown_distributed,
+from emu_world.data.frames import FrameDataConfig, resolve_roots
+from emu_world.data.sequences import (
+    DataConfig,
+    DatasetSpec,
+    HeldoutMetrics,
+    MixtureDataset,
 )
-from emu_world.world_model import WORLD_MODEL_EXPORT_DTYPES, WorldModel, WorldModelConfig, next_token_loss
+from emu_world.data.tokenize import tokenize_dataset
+from emu_world.errors import UserError
+from emu_world.models.dida import NoiseConfig, NoisePath, seeded_generator
+from emu_world.models.export import WorldModelExport
+from emu_world.models.layout import (
+    HINT_CODE,
+    ActionBinner,
+    LayoutConfig,
+    Packed,
+    SequenceLayout,
+)
+from emu_world.models.tokenizer import ImageTokenizer, load_tokenizer
+from emu_world.models.weights import check_export_dtype, load_state_checked
+from emu_world.models.world_model import (
+    WORLD_MODEL_EXPORT_DTYPES,
+    WorldModel,
+    WorldModelConfig,
+    next_token_loss,
+)
+from emu_world.provenance import code_version, command_line
+from emu_world.train.checkpoint import gather_states
+from emu_world.train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    average_gradients,
+    place_model,
+)
+from emu_world.train.loop import LoopConfig, Stage, config_diffs
 
 LOGGED = ("loss", "ce/vision", "ce/text", "ce/action", "ce/structure")  # averaged over micro-batches and ranks
 BINNER_TOLERANCE = 0.1  # a re-recorded dataset may move its action range by this fraction of a bin (tokens keep their meaning)
-RESUME_IGNORED = {"resume", "overwrite", "train.stop_after", "train.log_every", "train.eval_every",
-                  "train.save_every", "world_model.export_dir", "dida.export_dir",
-                  "world_model.export_dtype", "dida.export_dtype"}
 
 
 @dataclass
@@ -107,7 +126,7 @@ class WorldModelStageConfig:
 
 @dataclass
 class Parts:
-    stage: WorldModelStageConfig
+    stage: Any  # the stage's section: WorldModelStageConfig, or the DiDA stage's (the same export settings)
     roots: FrameDataConfig
     data: DataConfig
     layout: LayoutConfig
@@ -126,62 +145,22 @@ def mixture_specs(roots: FrameDataConfig, data: DataConfig) -> list[DatasetSpec]
     return specs
 
 
-@dataclass
-class InitExport:
-    """A world-model export a run starts from (``init=<folder>``): fine-tuning (stage=world_model) or
-    the DiDA adaptation (stage=dida)."""
-
-    path: Path
-    manifest: dict[str, Any]
-
-    def record(self) -> dict[str, Any]:
-        """What the new export's manifest says about where it started."""
-        m = self.manifest
-        return {"path": str(self.path), "command": m.get("command"), "code_version": m.get("code_version"),
-                "metrics": m.get("metrics"), "train_seconds": m.get("train_seconds"),
-                "train_seconds_total": self.total_seconds(), "stage": m.get("stage", "world_model")}
-
-    def total_seconds(self) -> float | None:
-        """Training seconds of the export and every run it started from (``train_seconds_total``; an
-        older manifest without it: its run plus what its ``init`` record says)."""
-        m = self.manifest
-        if m.get("train_seconds_total") is not None:
-            return float(m["train_seconds_total"])
-        if m.get("train_seconds") is None:
-            return None
-        init = m.get("init") or {}
-        before = init.get("train_seconds_total", init.get("train_seconds"))
-        return float(m["train_seconds"]) + float(before or 0.0)
-
-    def total_after(self, seconds: float) -> float | None:
-        """``train_seconds_total`` of a run of ``seconds`` that started from this export (None: the
-        export's own training time is unknown)."""
-        before = self.total_seconds()
-        return round(seconds + before, 1) if before is not None else None
-
-    def ignored(self, cfg: DictConfig) -> list[str]:
-        """The composed ``model``/``layout`` settings that differ from the export's (the export's win;
-        the layout's loss weights, :data:`LOSS_LAYOUT_KEYS`, are this run's and not listed)."""
-        composed = OmegaConf.to_container(cfg, resolve=True)
-        adopted = OmegaConf.to_container(adopt_init(cfg, self), resolve=True)
-        keys = ("model", "layout")
-        return config_diffs({k: adopted[k] for k in keys}, {k: composed[k] for k in keys})
-
-
-def read_init(cfg: DictConfig, stage: str) -> InitExport:
+def read_init(cfg: DictConfig, stage: str) -> WorldModelExport:
     """The export named by ``init=`` (required by stage=dida, optional for stage=world_model)."""
-    from emu_world.bench import resolve_path
-
     if not cfg.get("init"):
-        raise ValueError(f"stage={stage} starts from a trained world model: give its export folder with "
-                         "init=<folder> (e.g. init=checkpoints/world_model, written by "
-                         "`python -m emu_world.train stage=world_model`)")
-    path = resolve_path(str(cfg.init))
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"init={cfg.init}: {path} holds no world model export (manifest.json is missing); "
-                                "train one with `python -m emu_world.train stage=world_model dataset.root=datasets`")
-    return InitExport(path, json.loads(manifest_path.read_text()))
+        raise UserError(f"stage={stage} starts from a trained world model: give its export folder with "
+                        "init=<folder> (e.g. init=checkpoints/world_model, written by "
+                        "`python -m emu_world.train stage=world_model`)")
+    return WorldModelExport.read(str(cfg.init))
+
+
+def init_ignored(cfg: DictConfig, init: WorldModelExport) -> list[str]:
+    """The composed ``model``/``layout`` settings that differ from the export's (the export's win;
+    the layout's loss weights, :data:`LOSS_LAYOUT_KEYS`, are this run's and not listed)."""
+    composed = OmegaConf.to_container(cfg, resolve=True)
+    adopted = OmegaConf.to_container(adopt_init(cfg, init), resolve=True)
+    keys = ("model", "layout")
+    return config_diffs({k: adopted[k] for k in keys}, {k: composed[k] for k in keys})
 
 
 # Layout fields that only weigh or mask the loss: a run that starts from an export takes them from its own
@@ -189,7 +168,7 @@ def read_init(cfg: DictConfig, stage: str) -> InitExport:
 LOSS_LAYOUT_KEYS = ("text_weight", "vision_weight", "action_weight", "structure_weight", "train_prompt")
 
 
-def adopt_init(cfg: DictConfig, init: InitExport) -> DictConfig:
+def adopt_init(cfg: DictConfig, init: WorldModelExport) -> DictConfig:
     """This run's config with the init export's ``model`` and ``layout`` (its weights fix them), except
     the layout's loss weights (:data:`LOSS_LAYOUT_KEYS`), which stay this run's."""
     saved = init.manifest["config"]
@@ -209,7 +188,7 @@ def binner_shift(saved: ActionBinner, mine: ActionBinner) -> float:
     return float((np.maximum(np.abs(mine.low - saved.low), np.abs(mine.high - saved.high)) / width).max())
 
 
-def check_binners(binners: dict[str, ActionBinner], init: InitExport) -> None:
+def check_binners(binners: dict[str, ActionBinner], init: WorldModelExport) -> None:
     """The action binners of the datasets the init export was trained on must be the ones it saved, so
     the action tokens keep their meaning (a dataset it has not seen gets its own binner)."""
     for entry in init.manifest.get("data", []):
@@ -218,39 +197,27 @@ def check_binners(binners: dict[str, ActionBinner], init: InitExport) -> None:
             continue
         shift = binner_shift(ActionBinner.load(init.path / file), binners[name])
         if shift > BINNER_TOLERANCE:
-            raise ValueError(f"dataset {name}: its action binner (from the dataset statistics) differs from the one "
+            raise UserError(f"dataset {name}: its action binner (from the dataset statistics) differs from the one "
                              f"the init export was trained with ({init.path / file}; range edges moved by up to "
                              f"{shift:.3g} bins, more than {BINNER_TOLERANCE}): the same name now holds other "
                              "data. Train on the datasets the export was trained on (same dataset.root), give the "
                              "new data its own dataset name, or train from scratch")
 
 
-def parse_config(cfg: DictConfig) -> Parts:
+def parse_config(cfg: DictConfig, section: Any = None) -> Parts:
+    """The world-model stage's typed config; ``section`` replaces the ``world_model:`` section (the DiDA
+    stage's: tokenizer, tokenize, eval_batches, export_dir, export_dtype)."""
     roots = to_dataclass(FrameDataConfig, cfg.dataset)
     data = to_dataclass(DataConfig, cfg.data)
     data = replace(data, datasets=mixture_specs(roots, data))  # __post_init__ checks the new list
-    parts = Parts(to_dataclass(WorldModelStageConfig, cfg.world_model), roots, data,
+    section = section if section is not None else to_dataclass(WorldModelStageConfig, cfg.world_model)
+    parts = Parts(section, roots, data,
                   to_dataclass(LayoutConfig, cfg.layout), to_dataclass(WorldModelConfig, cfg.model),
                   to_dataclass(LoopConfig, cfg.train))
     if parts.loop.batch_size % parts.data.rows:
-        raise ValueError(f"train.batch_size={parts.loop.batch_size} (packed rows per step) must be a multiple of "
+        raise UserError(f"train.batch_size={parts.loop.batch_size} (packed rows per step) must be a multiple of "
                          f"data.rows={parts.data.rows} (rows per mixture batch)")
     return parts
-
-
-def config_diffs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Settings that differ between a checkpoint's config and this run's (ignoring loop bookkeeping)."""
-    diffs: list[str] = []
-
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-        elif a != b and prefix not in RESUME_IGNORED:
-            diffs.append(f"{prefix}: checkpoint {b!r} vs now {a!r}")
-
-    walk(current, saved, "")
-    return diffs
 
 
 # ----------------------------------------------------------------------------- data
@@ -291,9 +258,9 @@ def checkpoint_modules(model: WorldModel) -> dict[str, nn.Module]:
 
 
 def place_world_model(model: WorldModel, loop: LoopConfig, info: DistInfo) -> nn.Module | None:
-    """:func:`~emu_world.training.place_model` for a world model: one FSDP unit per decoder layer;
+    """:func:`~emu_world.train.loop.place_model` for a world model: one FSDP unit per decoder layer;
     ``logits`` (evaluation, the DiDA loss) gathers the root's weights like ``forward``."""
-    return place_model(model, list(model.decoder.model.layers), loop, info, ("logits",))
+    return place_model(model, list(model.decoder.model.layers), loop.parallel, info, ("logits",))
 
 
 def unsharded(model: WorldModel, sharded: nn.Module | None, layout: SequenceLayout, info: DistInfo) -> WorldModel:
@@ -334,7 +301,7 @@ def changed_code_weights(layout: SequenceLayout, tokens: torch.Tensor, hints: to
     """(R, L) loss weights with those of the vision codes that differ from the previous image's code at
     the same cell (what moved) multiplied by ``factor``; ``hints`` are the tokens' previous-frame hints
     (:meth:`SequenceLayout.frame_hints`: ``hints[:, i]`` is the previous code at the cell of ``i + 1``;
-    with action hints, channel :data:`~emu_world.layout.HINT_CODE` is)."""
+    with action hints, channel :data:`~emu_world.models.layout.HINT_CODE` is)."""
     prev = (hints[..., HINT_CODE] if hints.dim() == 3 else hints)[:, :-1]  # (R, L-1): previous code at i + 1
     moved = (prev >= 0) & (tokens[:, 1:] - layout.vision.start != prev)  # (R, L-1)
     out = weights.clone()
@@ -416,137 +383,116 @@ def evaluate(model: WorldModel, heldout: MixtureDataset, num_batches: int) -> di
     return {k: round(float(v), 5) for k, v in metrics.result().items()}
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the stage
 
 
-def run(cfg: DictConfig) -> TrainResult:
-    """Train (or resume) the world model described by the composed ``configs/train.yaml``; with
-    ``init=<export>`` fine-tune that export (its weights, model and layout)."""
-    init, ignored = None, []
-    if cfg.get("init"):
-        init = read_init(cfg, "world_model")
-        ignored = init.ignored(cfg)
-        cfg = adopt_init(cfg, init)
-    parts = parse_config(cfg)
-    info = init_distributed(parts.loop.threads, parts.loop.device)
-    try:
-        if ignored and info.is_main:
-            print(f"init={init.path}: the model and layout are the export's; composed settings ignored: "
-                  + "; ".join(ignored))
-        return _run(cfg, parts, info, init)
-    finally:
-        teardown_distributed()
+class WorldModelStage(Stage):
+    """``stage=world_model``: the token cache, the mixture of datasets and sample kinds, the decoder
+    (fresh, or ``init=<export>`` to fine-tune), weighted next-token CE, held-out per-kind metrics, the
+    export folder. The DiDA stage is this stage with another loss, evaluation and manifest."""
 
+    name = "world_model"
 
-def check_run_dir(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any], tokenizer_id: str, log) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuses ambiguous or mismatched run dirs."""
-    ckpt = checkpoint_to_resume(run_dir, bool(cfg.resume), bool(cfg.overwrite))
-    if ckpt is None:
-        return None
-    meta = read_checkpoint_meta(ckpt)
-    saved_id = meta["state"].get("tokenizer_id")
-    if saved_id != tokenizer_id:
-        raise ValueError(f"{ckpt} was trained on codes of tokenizer {saved_id}, but world_model.tokenizer is "
-                         f"{tokenizer_id}; resume with the same tokenizer or start a new run_dir")
-    diffs = config_diffs(meta["config"], resolved)
-    if diffs:
-        log("warning: resuming with settings that differ from the checkpoint (the loss curve will differ): "
-            + "; ".join(diffs))
-    return ckpt
+    def __init__(self, cfg: DictConfig):
+        self.init, self.ignored = None, []
+        if cfg.get("init"):
+            self.init = read_init(cfg, self.name)
+            self.ignored = init_ignored(cfg, self.init)
+            cfg = adopt_init(cfg, self.init)
+        self.setup(cfg, None)
 
+    def setup(self, cfg: DictConfig, section: Any) -> None:
+        """Parse ``cfg`` (with ``section`` as the stage's export settings; None: ``world_model:``)."""
+        self.cfg, self.parts = cfg, parse_config(cfg, section)
+        self.loop = self.parts.loop
+        self.per_step = self.loop.batch_size // self.parts.data.rows  # mixture batches per optimisation step (G)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(resolved, dict)
+        resolved["data"]["datasets"] = [asdict(s) for s in self.parts.data.datasets]  # what dataset.root resolved to
+        self.resolved = resolved
 
-def _run(cfg: DictConfig, parts: Parts, info: DistInfo, init: InitExport | None) -> TrainResult:
-    loop = parts.loop
-    log = print if info.is_main else (lambda *a, **k: None)
-    run_dir = Path(cfg.run_dir)
-    per_step = loop.batch_size // parts.data.rows  # mixture batches per optimisation step (G)
-    if per_step % info.world_size:
-        raise ValueError(f"train.batch_size={loop.batch_size} gives {per_step} mixture batches of data.rows="
-                         f"{parts.data.rows} per step, not divisible by the {info.world_size} torchrun ranks")
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(resolved, dict)
-    resolved["data"]["datasets"] = [asdict(s) for s in parts.data.datasets]  # what dataset.root resolved to
+    def prepare(self, info: DistInfo) -> None:
+        if self.ignored:
+            self.log(f"init={self.init.path}: the model and layout are the export's; composed settings ignored: "
+                     + "; ".join(self.ignored))
+        if self.per_step % info.world_size:
+            raise UserError(f"train.batch_size={self.loop.batch_size} gives {self.per_step} mixture batches of "
+                            f"data.rows={self.parts.data.rows} per step, not divisible by the {info.world_size} "
+                            "torchrun ranks")
+        self.tokenizer = load_tokenizer(self.parts.stage.tokenizer)
+        if self.init is not None:
+            self.init.check_tokenizer(self.tokenizer, f"give that tokenizer's folder (or one with its codes) with "
+                                                      f"{self.section_name}.tokenizer=<folder>")
 
-    tokenizer = load_tokenizer(parts.stage.tokenizer)
-    tokenizer_id = tokenizer.identity()
-    if init is not None:
-        check_same_codes(init.manifest["tokenizer"], tokenizer, f"the init export {init.path}",
-                         "give that tokenizer's folder (or one with its codes) with world_model.tokenizer=<folder>")
-    ckpt_path = check_run_dir(cfg, run_dir, resolved, tokenizer_id, log)
-    prepare_token_cache(parts, tokenizer, info, log)
-    layout = SequenceLayout.from_config(parts.layout, tokenizer.codebook_size, tuple(tokenizer.grid))
-    train_data = MixtureDataset(parts.data, layout, tokenizer_id, split="train")
-    heldout = MixtureDataset(parts.data, layout, tokenizer_id, split="heldout") \
-        if parts.data.heldout_fraction > 0 else None
-    for (name, kind), p in train_data.probabilities.items():
-        log(f"data {name}/{kind.value}: {p:.3f} of the draws")
+    section_name = "world_model"
 
-    torch.manual_seed(int(cfg.seed))  # the same initial weights on every rank
-    if init is None:
-        model = WorldModel(parts.model, layout)
-    else:
-        check_binners(train_data.binners, init)
-        model = WorldModel.load(init.path, layout)  # checks the layout spec
-        log(f"fine-tuning {init.path}")
-    sharded = place_world_model(model, loop, info)  # device; FSDP2 shards
-    evaluating = info.is_main or sharded is not None  # sharded forwards need every rank
-    opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay)
-    log(f"world model: {model.num_parameters():,} parameters, vocabulary {layout.vocab_size}, "
-        f"{per_step} batches x {parts.data.rows} rows x {parts.data.max_len} tokens per step")
-    step, train_seconds = 0, 0.0
-    if ckpt_path is not None:
-        loaded = load_checkpoint(ckpt_path, checkpoint_modules(model), {"model": opt}, sharded)
-        step, train_seconds = loaded.step, float(loaded.state.get("train_seconds", 0.0))
-        log(f"resumed from {ckpt_path} at step {step}")
-    logger = MetricLogger(run_dir, info.is_main, truncate_after_step=step if ckpt_path is not None else None)
-    if info.is_main and ckpt_path is None:
-        logger.path.unlink(missing_ok=True)
+    def check_resume(self, meta: dict[str, Any], path: Path) -> None:
+        saved_id, tokenizer_id = meta["state"].get("tokenizer_id"), self.tokenizer.identity()
+        if saved_id != tokenizer_id:
+            raise UserError(f"{path} was trained on codes of tokenizer {saved_id}, but {self.section_name}.tokenizer "
+                            f"is {tokenizer_id}; resume with the same tokenizer or start a new run_dir")
 
-    def save() -> None:
-        save_checkpoint(run_dir, checkpoint_modules(model), {"model": opt}, step,
-                        {"train_seconds": train_seconds, "tokenizer_id": tokenizer_id}, resolved,
-                        sharded=sharded, write=info.is_main)
+    def build(self, resuming: bool) -> None:
+        parts, info = self.parts, self.info
+        prepare_token_cache(parts, self.tokenizer, info, self.log)
+        tokenizer_id = self.tokenizer.identity()
+        self.layout = SequenceLayout.from_config(parts.layout, self.tokenizer.codebook_size, tuple(self.tokenizer.grid))
+        self.train_data = MixtureDataset(parts.data, self.layout, tokenizer_id, split="train")
+        self.heldout = MixtureDataset(parts.data, self.layout, tokenizer_id, split="heldout") \
+            if parts.data.heldout_fraction > 0 else None
+        for (name, kind), p in self.train_data.probabilities.items():
+            self.log(f"data {name}/{kind.value}: {p:.3f} of the draws")
+        if self.init is not None:
+            check_binners(self.train_data.binners, self.init)
+        torch.manual_seed(int(self.cfg.seed))  # the same initial weights on every rank
+        self.model = self.make_model()
+        self.sharded = place_world_model(self.model, self.loop, info)  # device; FSDP2 shards
+        self.optimizers = {"model": torch.optim.AdamW(self.model.parameters(), lr=self.loop.lr,
+                                                      betas=tuple(self.loop.betas),
+                                                      weight_decay=self.loop.weight_decay)}
+        self.models = checkpoint_modules(self.model)
+        self.log(f"world model: {self.model.num_parameters():,} parameters, vocabulary {self.layout.vocab_size}, "
+                 f"{self.per_step} batches x {parts.data.rows} rows x {parts.data.max_len} tokens per step")
 
-    batch_loss = partial(ar_batch_loss, input_noise=float(parts.stage.input_noise),
-                         changed_weight=float(parts.stage.changed_weight))
-    history: list[dict[str, float]] = []
-    start_step = step
-    t_last = time.perf_counter()
-    while step < loop.steps:
-        t0 = time.perf_counter()
-        lr = cosine_lr(step, loop.steps, loop.lr, loop.warmup_steps, loop.min_lr_ratio)
-        set_lr(opt, lr)
-        logs = train_step(model, opt, train_data, step_batches(step, per_step, info), loop, info, batch_loss)
-        step += 1
-        train_seconds += time.perf_counter() - t0
-        record = {"step": step, "lr": lr, **logs}
-        history.append(record)
-        if step % loop.log_every == 0 or step == loop.steps:
-            record["sec_per_step"] = (time.perf_counter() - t_last) / loop.log_every
-            record["train_seconds"] = train_seconds
-            t_last = time.perf_counter()
-            logger.log({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
-        if heldout is not None and loop.eval_every > 0 and step % loop.eval_every == 0 and step < loop.steps \
-                and evaluating:
-            logger.log({"step": step, "eval": evaluate(model, heldout, parts.stage.eval_batches)})
-        stopping = loop.stop_requested(step, start_step)
-        if step % loop.save_every == 0 or step == loop.steps or stopping:
-            save()
-        if stopping:
-            log(f"stopping after {loop.stop_after} steps at step {step} (train.stop_after); resume=true continues")
-            return TrainResult("world_model", run_dir, step, history, None, None, train_seconds)
+    def make_model(self) -> WorldModel:
+        if self.init is None:
+            return WorldModel(self.parts.model, self.layout)
+        self.log(f"fine-tuning {self.init.path}")
+        return self.init.load_model(self.layout)  # checks the layout spec
 
-    final = export_dir = None
-    if evaluating:
-        final = evaluate(model, heldout, parts.stage.eval_batches) if heldout is not None else {}
-    plain = unsharded(model, sharded, layout, info)
-    if info.is_main:
-        logger.log({"step": step, "eval": final, "train_seconds": round(train_seconds, 1)})
-        out = Path(parts.stage.export_dir) if parts.stage.export_dir else run_dir / "world_model"
-        extra = {"init": init.record(), "train_seconds_total": init.total_after(train_seconds)} \
-            if init is not None else None
-        export_dir = export(plain, train_data, tokenizer, parts, resolved, final, train_seconds, info, out, extra)
-    return TrainResult("world_model", run_dir, step, history, final, export_dir, train_seconds)
+    def batch_loss(self, model: WorldModel, data: MixtureDataset, b: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return ar_batch_loss(model, data, b, float(self.parts.stage.input_noise),
+                             float(self.parts.stage.changed_weight))
+
+    logged = LOGGED
+
+    def train_step(self, step: int) -> dict[str, float]:
+        return train_step(self.model, self.optimizers["model"], self.train_data,
+                          step_batches(step, self.per_step, self.info), self.loop, self.info, self.batch_loss,
+                          self.logged)
+
+    def evaluate(self) -> dict[str, Any] | None:
+        if self.heldout is None:
+            return None
+        return evaluate(self.model, self.heldout, self.parts.stage.eval_batches)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"tokenizer_id": self.tokenizer.identity()}
+
+    def manifest_extra(self, train_seconds: float) -> dict[str, Any] | None:
+        """What the export's manifest adds (a fine-tune: where it started and the whole chain's time)."""
+        if self.init is None:
+            return None
+        return {"init": self.init.record(), "train_seconds_total": self.init.total_after(train_seconds)}
+
+    def export(self, final: dict[str, Any] | None, train_seconds: float) -> tuple[Path | None, dict[str, Any] | None]:
+        plain = unsharded(self.model, self.sharded, self.layout, self.info)  # a collective under FSDP
+        if not self.info.is_main:
+            return None, final
+        stage = self.parts.stage
+        out = Path(stage.export_dir) if stage.export_dir else Path(self.cfg.run_dir) / "world_model"
+        return export(plain, self.train_data, self.tokenizer, self.parts, self.resolved, final, train_seconds,
+                      self.info, out, self.manifest_extra(train_seconds)), final
 
 
 def export(model: WorldModel, data: MixtureDataset, tokenizer: ImageTokenizer, parts: Parts,

@@ -4,17 +4,16 @@
     python -m emu_world.train stage=tokenizer dataset.root=datasets experiment=tiny
     torchrun --nproc_per_node=2 -m emu_world.train stage=tokenizer dataset.root=datasets
     python -m emu_world.train stage=tokenizer ... resume=true
+    python -m emu_world.train stage=world_model dataset.root=datasets [init=<export to fine-tune>]
     python -m emu_world.train stage=dida init=checkpoints/world_model dataset.root=datasets
 
-Composes ``configs/train.yaml`` and hands it to the stage's module, which owns its explicit
-loop (``emu_world.train_<stage>.run(cfg)``); stage-independent pieces live in
-:mod:`emu_world.training`. Checkpoints and ``metrics.jsonl`` go to ``run_dir``; the run ends
-by printing a one-line JSON summary.
+Composes ``configs/train.yaml`` and trains the stage it names (:func:`emu_world.train.run_stage`).
+Checkpoints and ``metrics.jsonl`` go to ``run_dir``; the run ends by printing a one-line JSON
+summary (on rank 0 under torchrun).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 
@@ -22,23 +21,12 @@ import hydra
 from omegaconf import DictConfig
 
 from emu_world.config import CONFIG_DIR
-
-# stage name -> module with run(cfg) -> result with .summary(); later stages add policy
-STAGES = {
-    "tokenizer": "emu_world.train_tokenizer",
-    "world_model": "emu_world.train_world_model",
-    "dida": "emu_world.train_dida",
-}
-
-
-def run_stage(cfg: DictConfig):
-    stage = str(cfg.stage)
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage={stage!r}; available stages: {sorted(STAGES)}")
-    return importlib.import_module(STAGES[stage]).run(cfg)
+from emu_world.errors import reports_user_errors
+from emu_world.train import run_stage
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     result = run_stage(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary line per run, also under torchrun
