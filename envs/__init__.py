@@ -14,14 +14,16 @@ Adding a task is one module here (env + scripted expert) plus one entry below an
 
 from __future__ import annotations
 
-import os
+# MuJoCo picks its GL backend at import time, and gymnasium may import it: set it first, and check
+# that it can work here (envs.gl names the package or setting that fixes it).
+from envs.gl import RenderError, check_gl_backend, gl_failure_message, select_backend
 
-# MuJoCo picks its GL backend at import time, and gymnasium may import it: set it first.
-# EGL renders headless with Mesa; osmesa also needs PyOpenGL told. Users may override.
-if not os.environ.get("MUJOCO_GL"):  # unset or empty
-    os.environ["MUJOCO_GL"] = "egl"
-if os.environ["MUJOCO_GL"] == "osmesa":
-    os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+select_backend()
+check_gl_backend()
+try:
+    import mujoco  # noqa: E402,F401
+except Exception as e:  # PyOpenGL's errors from inside mujoco's GL context module
+    raise RenderError(gl_failure_message(f"{type(e).__name__}: {e}")) from None
 
 import importlib  # noqa: E402
 from dataclasses import dataclass
@@ -29,7 +31,11 @@ from dataclasses import dataclass
 import gymnasium as gym  # noqa: E402
 
 from envs.base import (  # noqa: E402
-    ActionError, AnnotationTracker, ScriptedExpert, SubtaskAnnotation, TaskEnv,
+    ActionError,
+    AnnotationTracker,
+    ScriptedExpert,
+    SubtaskAnnotation,
+    TaskEnv,
 )
 
 

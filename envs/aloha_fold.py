@@ -65,7 +65,13 @@ import mujoco
 import numpy as np
 
 from envs.aloha import (
-    ALOHA_ASSETS, ARMS, START_GRIPPER, TOOL_OFFSET, AlohaEnv, BimanualWaypointExpert, Waypoint,
+    ALOHA_ASSETS,
+    ARMS,
+    START_GRIPPER,
+    TOOL_OFFSET,
+    AlohaEnv,
+    BimanualWaypointExpert,
+    Waypoint,
     interpolate,
 )
 

@@ -33,7 +33,13 @@ import mujoco
 import numpy as np
 
 from envs.aloha import (
-    ALOHA_ASSETS, ARMS, START_GRIPPER, AlohaEnv, BimanualWaypointExpert, Waypoint, rot_from_axes,
+    ALOHA_ASSETS,
+    ARMS,
+    START_GRIPPER,
+    AlohaEnv,
+    BimanualWaypointExpert,
+    Waypoint,
+    rot_from_axes,
 )
 
 # gym-aloha's sample_insertion_pose ranges (metres, world frame).

@@ -28,6 +28,8 @@ import mujoco
 import numpy as np
 from gymnasium import spaces
 
+from envs.gl import RenderError, gl_failure_message
+
 ImageSize = tuple[int, int]
 
 
@@ -64,12 +66,8 @@ class FastRenderer:
         model.vis.global_.offheight = max(int(model.vis.global_.offheight), self.height)
         try:
             self._renderer = mujoco.Renderer(model, height=self.height, width=self.width)
-        except mujoco.FatalError as e:  # GL backend chosen before `envs` could set MUJOCO_GL
-            raise RuntimeError(
-                f"MuJoCo could not create an offscreen GL context ({e}). mujoco was probably "
-                "imported before `envs` set MUJOCO_GL; run with MUJOCO_GL=egl (or osmesa with "
-                "PYOPENGL_PLATFORM=osmesa) in the environment, or import envs first."
-            ) from e
+        except Exception as e:  # mujoco.FatalError, or PyOpenGL's errors from inside mujoco's GL context
+            raise RenderError(gl_failure_message(str(e))) from None
         self._option = mujoco.MjvOption()
 
     def render(self, data: mujoco.MjData, camera: str | int | mujoco.MjvCamera) -> np.ndarray:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from emu_world.bench.common import bench_output_dir
 from emu_world.config import CONFIG_DIR, EnvConfig, resolve_path, to_dataclass
 from emu_world.data.frames import decode_episode_frames, resolve_roots
 from emu_world.image_metrics import (
@@ -228,7 +229,8 @@ def bench_tokenizer(cfg: DictConfig) -> dict[str, Any]:
         "per_task": rows,
     }
     if cfg.picture:
-        summary["picture"] = str(save_picture(Path(str(cfg.picture)), pictures))
+        where = bench_output_dir(cfg) / "tokenizer_recon.png" if cfg.picture is True else Path(str(cfg.picture))
+        summary["picture"] = str(save_picture(where, pictures))
     print_table(summary)
     return summary
 

@@ -106,6 +106,28 @@ class DatasetRecorder:
         self.subtask_texts = list(subtask_texts) if subtask_texts is not None else None
         if (SUBTASK_KEY in features) != (self.subtask_texts is not None):
             raise ValueError("give subtask_texts exactly when features include subtask_index")
+        exists = self._prepare_root(mode)
+        self.provenance: dict[str, Any] = {"format": "emu_world.provenance/v1", "episodes": []}
+        if mode == "append" and exists:
+            self._check_appendable(features, fps)
+            if (self.root / PROVENANCE_PATH).exists():
+                self.provenance = json.loads((self.root / PROVENANCE_PATH).read_text())
+            self.dataset = LeRobotDataset(repo_id, root=self.root, video_backend="pyav", vcodec=vcodec,
+                                          streaming_encoding=True)
+        else:
+            self.dataset = LeRobotDataset.create(
+                repo_id, fps=int(round(fps)), features=features, root=self.root, robot_type=robot_type,
+                use_videos=True, vcodec=vcodec, streaming_encoding=True,
+            )
+            if self.subtask_texts is not None:
+                self._write_subtasks()
+        self._set_encoder(fps, vcodec, crf, pix_fmt)
+        self.provenance.update(provenance or {})
+        self._frames = 0
+
+    def _prepare_root(self, mode: str) -> bool:
+        """Refuse to touch what the mode does not allow; clear the folder for overwrite. Returns whether it
+        held something."""
         exists = self.root.exists() and any(self.root.iterdir())
         is_dataset = (self.root / INFO_PATH).is_file()
         if exists and mode == "create":
@@ -123,38 +145,25 @@ class DatasetRecorder:
             shutil.rmtree(self.root)
         if self.root.exists() and not any(self.root.iterdir()):
             self.root.rmdir()  # lerobot creates the folder itself
+        return exists
 
-        self.provenance: dict[str, Any] = {"format": "emu_world.provenance/v1", "episodes": []}
-        if mode == "append" and exists:
-            info = validate_dataset(self.root)
-            problems = _same_features(info["features"], features)
-            if problems or abs(float(info["fps"]) - fps) > 1e-9:
-                if abs(float(info["fps"]) - fps) > 1e-9:
-                    problems.append(f"fps {info['fps']} vs {fps}")
-                raise DatasetError(
-                    f"cannot append to {self.root}: its features differ from this env's ({'; '.join(problems)}). "
-                    "Nothing was written. Record into a new dataset.root instead."
-                )
-            vocab = load_subtask_vocab(self.root)
-            if (vocab or None) != (self.subtask_texts or None):
-                raise DatasetError(
-                    f"cannot append to {self.root}: its subtask texts {vocab} differ from the agent's "
-                    f"{self.subtask_texts}. Record into a new dataset.root instead."
-                )
-            if (self.root / PROVENANCE_PATH).exists():
-                self.provenance = json.loads((self.root / PROVENANCE_PATH).read_text())
-            self.dataset = LeRobotDataset(repo_id, root=self.root, video_backend="pyav", vcodec=vcodec,
-                                          streaming_encoding=True)
-        else:
-            self.dataset = LeRobotDataset.create(
-                repo_id, fps=int(round(fps)), features=features, root=self.root, robot_type=robot_type,
-                use_videos=True, vcodec=vcodec, streaming_encoding=True,
+    def _check_appendable(self, features: dict[str, dict], fps: float) -> None:
+        """The dataset to append to has this env's features, fps and subtask texts."""
+        info = validate_dataset(self.root)
+        problems = _same_features(info["features"], features)
+        if problems or abs(float(info["fps"]) - fps) > 1e-9:
+            if abs(float(info["fps"]) - fps) > 1e-9:
+                problems.append(f"fps {info['fps']} vs {fps}")
+            raise DatasetError(
+                f"cannot append to {self.root}: its features differ from this env's ({'; '.join(problems)}). "
+                "Nothing was written. Record into a new dataset.root instead."
             )
-            if self.subtask_texts is not None:
-                self._write_subtasks()
-        self._set_encoder(fps, vcodec, crf, pix_fmt)
-        self.provenance.update(provenance or {})
-        self._frames = 0
+        vocab = load_subtask_vocab(self.root)
+        if (vocab or None) != (self.subtask_texts or None):
+            raise DatasetError(
+                f"cannot append to {self.root}: its subtask texts {vocab} differ from the agent's "
+                f"{self.subtask_texts}. Record into a new dataset.root instead."
+            )
 
     def _set_encoder(self, fps: float, vcodec: str, crf: int, pix_fmt: str) -> None:
         """lerobot's streaming encoder hard-codes crf=30 / yuv420p, which costs ~10 dB PSNR on

@@ -33,6 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from emu_world.errors import UserError  # noqa: E402
+
 IMAGE_PREFIX = "observation.images."
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
@@ -43,7 +45,7 @@ PROVENANCE_PATH = "meta/emu_world.json"  # how emu-world recorded it: env, seeds
 CONVERTER = "python -m lerobot.datasets.v30.convert_dataset_v21_to_v30"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset folder that cannot be used as asked; the message names the file and the fix."""
 
 
@@ -150,6 +152,18 @@ def validate_dataset(
     if not version.startswith("v3"):
         raise DatasetError(f"{root}: unsupported LeRobot codebase_version {version!r} (expected v3.0)")
 
+    _check_files(root, info)
+    features = info.get("features", {})
+    image_keys = _check_features(root, features, action_dim, state_dim, cameras)
+    if check_videos:
+        video_keys = [k for k in image_keys if features[k]["dtype"] == "video"]
+        if video_keys:
+            _check_videos(root, info, video_keys)
+    return info
+
+
+def _check_files(root: Path, info: dict[str, Any]) -> None:
+    """The data and episode parquet files are there, readable (finalized) and hold the frames info.json counts."""
     data_files = sorted((root / "data").glob("*/*.parquet"))
     episode_files = sorted((root / "meta" / "episodes").glob("*/*.parquet"))
     if not data_files:
@@ -172,7 +186,11 @@ def validate_dataset(
             "the dataset was modified or only partly written. Re-record it or restore it from a copy."
         )
 
-    features = info.get("features", {})
+
+
+def _check_features(root: Path, features: dict[str, Any], action_dim: int | None, state_dim: int | None,
+                    cameras: Sequence[str] | None) -> list[str]:
+    """Cameras, action and state are what the consumer expects; returns the image feature keys."""
     image_keys = [k for k, f in features.items() if f.get("dtype") in ("video", "image")]
     if not image_keys:
         raise DatasetError(f"{root} has no image or video feature; emu-world needs at least one camera")
@@ -199,12 +217,7 @@ def validate_dataset(
                 f"{root}: {STATE_KEY} has shape {tuple(features[STATE_KEY]['shape'])} but the config expects "
                 f"({state_dim},)."
             )
-
-    if check_videos:
-        video_keys = [k for k in image_keys if features[k]["dtype"] == "video"]
-        if video_keys:
-            _check_videos(root, info, video_keys)
-    return info
+    return image_keys
 
 
 def _check_videos(root: Path, info: dict, video_keys: list[str]) -> None:

@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from emu_world.data.robot_dataset import Episode, RobotDataset, Subtask
 from emu_world.data.token_store import TokenStore
 from emu_world.data.tokenize import open_token_store, token_cache_dir
+from emu_world.errors import UserError
 from emu_world.models.layout import (
     ActionBinner,
     LayoutError,
@@ -346,18 +347,18 @@ class DatasetSource:
         self.cameras = tuple(ds.camera_keys)
         tag = spec.tag or ds.info.get("robot_type")
         if not tag:
-            raise ValueError(f"{ds.root}: meta/info.json has no robot_type; give the dataset an embodiment tag "
+            raise UserError(f"{ds.root}: meta/info.json has no robot_type; give the dataset an embodiment tag "
                              f"(data.datasets=[{{root: {spec.root}, tag: <robot>}}])")
         self.embodiment = str(tag)
         if self.embodiment not in config.frame_stride:
-            raise ValueError(f"{ds.root}: no data.frame_stride for embodiment {self.embodiment!r} ({self.fps:g} Hz); "
+            raise UserError(f"{ds.root}: no data.frame_stride for embodiment {self.embodiment!r} ({self.fps:g} Hz); "
                              f"add it, e.g. data.frame_stride.{self.embodiment}=<env steps between frames>")
         self.frame_stride = config.frame_stride[self.embodiment]
         self.commands = _env_commands(ds.provenance)
         motion = SampleKind.EXPLORATION if self.commands else SampleKind.DYNAMICS
         k = layout.config.actions_per_frame
         if motion == SampleKind.DYNAMICS and self.frame_stride % k:
-            raise ValueError(f"{ds.root}: data.frame_stride.{self.embodiment}={self.frame_stride} is not a multiple of "
+            raise UserError(f"{ds.root}: data.frame_stride.{self.embodiment}={self.frame_stride} is not a multiple of "
                              f"layout.actions_per_frame={k}; each action span holds k actions per frame step")
         self.kind_probs = self._kind_probs(motion, ds.has_annotations, config.kind_weights)
         robot = motion == SampleKind.DYNAMICS
@@ -378,7 +379,7 @@ class DatasetSource:
                           for split, eps in self.split_episodes.items() for kind in self.kind_probs}
         for (split, kind), eps in self._eligible.items():
             if self.split_episodes[split] and not eps:
-                raise ValueError(f"{self.root}: no {split} episode is long enough for a {kind.value} sample "
+                raise UserError(f"{self.root}: no {split} episode is long enough for a {kind.value} sample "
                                  f"(2 frames {self.frame_stride} steps apart)")
 
     def _kind_probs(self, motion: SampleKind, annotated: bool,
@@ -392,7 +393,7 @@ class DatasetSource:
                           f"draws all go to {motion.value}", UserWarning, stacklevel=4)
         weights = {kind: w for kind, w in weights.items() if w > 0}
         if not weights:
-            raise ValueError(f"dataset {self.name} ({self.root}) yields nothing: data.kind_weights gives 0 to "
+            raise UserError(f"dataset {self.name} ({self.root}) yields nothing: data.kind_weights gives 0 to "
                              f"{motion.value}{' and plan' if annotated else ''}")
         total = sum(weights.values())
         return {kind: w / total for kind, w in weights.items()}
@@ -401,7 +402,7 @@ class DatasetSource:
         missing = [(e.index, cam) for e in episodes for cam in self.cameras if not store.has(e.index, cam, e.length)]
         if missing:
             cache = f" --cache-root {token_cache}" if token_cache else ""
-            raise ValueError(
+            raise UserError(
                 f"{self.root}: the token cache {token_cache_dir(self.root, token_cache) / store.tokenizer_id} lacks "
                 f"{len(missing)} of {len(episodes) * len(self.cameras)} (episode, camera) entries (first "
                 f"{missing[:3]}); run `python -m emu_world.data.tokenize {self.spec.root} --tokenizer <the tokenizer "
@@ -413,7 +414,7 @@ class DatasetSource:
         for e in episodes:
             index = np.rint(e.actions[:, 0])
             if e.actions.shape[1] != 1 or index.min() < 0 or index.max() >= len(self.commands):
-                raise ValueError(f"{self.root}: episode {e.index} actions are not command indices "
+                raise UserError(f"{self.root}: episode {e.index} actions are not command indices "
                                  f"0..{len(self.commands) - 1} of shape (T, 1)")
 
     def _split(self, heldout_fraction: float) -> dict[str, list[EpisodeTokens]]:
@@ -421,7 +422,7 @@ class DatasetSource:
         n = len(self.episodes)
         held = math.ceil(heldout_fraction * n) if heldout_fraction > 0 else 0
         if n - held < 1:
-            raise ValueError(f"{self.root}: {n} episode(s) cannot be split with heldout_fraction="
+            raise UserError(f"{self.root}: {n} episode(s) cannot be split with heldout_fraction="
                              f"{heldout_fraction}: record more episodes or set data.heldout_fraction=0")
         return {"train": self.episodes[:n - held], "heldout": self.episodes[n - held:]}
 
@@ -486,7 +487,7 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         if config.max_len < layout.image_block_len + 8:
-            raise ValueError(f"data.max_len={config.max_len} cannot hold an image block ({layout.image_block_len} "
+            raise UserError(f"data.max_len={config.max_len} cannot hold an image block ({layout.image_block_len} "
                              "tokens) with its prompt; raise data.max_len")
         self.config, self.layout, self.split = config, layout, split
         self.num_batches, self.start, self.rank, self.world_size = num_batches, start, rank, world_size
@@ -497,7 +498,7 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         total = sum(s.spec.weight for s in self.sources)
         self._dataset_p = np.asarray([s.spec.weight / total for s in self.sources])  # (D,)
         if split == "heldout" and not any(s.split_episodes["heldout"] for s in self.sources):
-            raise ValueError("split='heldout' but no dataset holds episodes out (data.heldout_fraction=0)")
+            raise UserError("split='heldout' but no dataset holds episodes out (data.heldout_fraction=0)")
 
     @property
     def probabilities(self) -> dict[tuple[str, SampleKind], float]:

@@ -246,24 +246,8 @@ class TokenStore:
         """
         episode_index = self._check_key(episode_index, camera)
         codes = np.asarray(codes)
-        if codes.ndim != 3:
-            raise ValueError(f"codes must have shape (T, h, w), got shape {codes.shape}")
-        if not np.issubdtype(codes.dtype, np.integer):
-            raise ValueError(f"codes must have an integer dtype, got {codes.dtype}; pass the tokenizer's code indices")
+        dtype = self._check_codes(codes, episode_index, camera)
         T, h, w = codes.shape
-        if T == 0:
-            raise ValueError(f"codes for episode {episode_index} camera {camera!r} have no frames ({codes.shape})")
-        if self._grid is not None and (h, w) != self._grid:
-            raise ValueError(
-                f"codes have grid {(h, w)} but the store {self.path} holds grid {self._grid}; "
-                "a different tokenizer needs its own tokenizer_id"
-            )
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0:
-            raise ValueError(f"codes must be non-negative, got minimum {lo} (episode {episode_index}, {camera!r})")
-        if hi >= _INT32_LIMIT:
-            raise ValueError(f"codes must fit int32, got maximum {hi}")
-        dtype = np.dtype(np.uint16) if hi < _UINT16_LIMIT else np.dtype(np.int32)
         attrs: dict[str, Any] = {
             "episode_index": episode_index,
             "camera": camera,
@@ -300,6 +284,27 @@ class TokenStore:
         )
         array[...] = codes.astype(dtype, copy=False)  # (T, h, w)
         self._move_into_place(tmp, self.path / entry_name(episode_index, camera))
+
+    def _check_codes(self, codes: np.ndarray, episode_index: int, camera: str) -> np.dtype:
+        """Refuse codes that are not a non-empty (T, h, w) integer grid of this store; the dtype to store."""
+        if codes.ndim != 3:
+            raise ValueError(f"codes must have shape (T, h, w), got shape {codes.shape}")
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"codes must have an integer dtype, got {codes.dtype}; pass the tokenizer's code indices")
+        T, h, w = codes.shape
+        if T == 0:
+            raise ValueError(f"codes for episode {episode_index} camera {camera!r} have no frames ({codes.shape})")
+        if self._grid is not None and (h, w) != self._grid:
+            raise ValueError(
+                f"codes have grid {(h, w)} but the store {self.path} holds grid {self._grid}; "
+                "a different tokenizer needs its own tokenizer_id"
+            )
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0:
+            raise ValueError(f"codes must be non-negative, got minimum {lo} (episode {episode_index}, {camera!r})")
+        if hi >= _INT32_LIMIT:
+            raise ValueError(f"codes must fit int32, got maximum {hi}")
+        return np.dtype(np.uint16) if hi < _UINT16_LIMIT else np.dtype(np.int32)
 
     def _update_group_attrs(self, group: zarr.Group, grid: tuple[int, int], dtype: np.dtype) -> None:
         updates: dict[str, Any] = {}

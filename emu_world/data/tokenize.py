@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 
 from emu_world.data.robot_dataset import IMAGE_PREFIX, RobotDataset
 from emu_world.data.token_store import TokenStore
+from emu_world.errors import UserError, reports_user_errors
 from emu_world.models.tokenizer import ImageTokenizer, load_tokenizer
 
 CACHE_DIR_NAME = "tokens"  # <dataset_root>/tokens when no cache root is given
@@ -98,7 +98,7 @@ def _check_image_size(ds: RobotDataset, cameras: Sequence[str], image_size: int,
     for key in cameras:
         H, W = (int(s) for s in ds.features[key]["shape"][:2])
         if (H, W) != (image_size, image_size) and not resize:
-            raise ValueError(
+            raise UserError(
                 f"{ds.root}: camera {key!r} has {H}x{W} frames but the tokenizer reads "
                 f"{image_size}x{image_size}. Use a tokenizer trained at {H}x{W}, record the dataset at "
                 f"{image_size}x{image_size} (env.image_size={image_size}), or pass --resize "
@@ -122,7 +122,7 @@ def tokenize_dataset(
     do not match the tokenizer and ``resize`` is False.
     """
     if batch_size < 1 or threads < 1:
-        raise ValueError(f"batch_size and threads must be >= 1, got {batch_size} and {threads}")
+        raise UserError(f"batch_size and threads must be >= 1, got {batch_size} and {threads}")
     start = time.perf_counter()
     ds = dataset if isinstance(dataset, RobotDataset) else RobotDataset(dataset, cameras=cameras)
     keys = [c if c.startswith(IMAGE_PREFIX) else IMAGE_PREFIX + c for c in cameras] if cameras else ds.camera_keys
@@ -144,7 +144,7 @@ def tokenize_dataset(
             for key in todo:
                 frames = episode.frames[key]  # (T, H, W, 3) uint8
                 if frames.shape[0] != length:
-                    raise ValueError(
+                    raise UserError(
                         f"{ds.root}: episode {index} camera {key!r} decodes to {frames.shape[0]} frames but the "
                         f"metadata says {length}; the video is damaged, re-record the dataset"
                     )
@@ -164,6 +164,7 @@ def tokenize_dataset(
                           seconds=time.perf_counter() - start)
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> TokenizeResult:
     parser = argparse.ArgumentParser(prog="python -m emu_world.data.tokenize", description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset_root", help="a LeRobot v3.0 dataset folder (holding meta/info.json)")
@@ -176,13 +177,9 @@ def main(argv: Sequence[str] | None = None) -> TokenizeResult:
     parser.add_argument("--resize", action="store_true",
                         help="resize frames to the tokenizer's image size instead of refusing a mismatch")
     args = parser.parse_args(argv)
-    try:
-        tokenizer = load_tokenizer(args.tokenizer)
-        result = tokenize_dataset(args.dataset_root, tokenizer, cache_root=args.cache_root, cameras=args.cameras,
-                                  batch_size=args.batch_size, threads=args.threads, resize=args.resize)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    tokenizer = load_tokenizer(args.tokenizer)
+    result = tokenize_dataset(args.dataset_root, tokenizer, cache_root=args.cache_root, cameras=args.cameras,
+                              batch_size=args.batch_size, threads=args.threads, resize=args.resize)
     print(json.dumps(result.summary()))
     return result
 

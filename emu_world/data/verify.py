@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from emu_world.data.robot_dataset import IMAGE_PREFIX, DatasetError, RobotDataset
+from emu_world.errors import UserError, reports_user_errors
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -65,7 +66,7 @@ def code_report(tokenizer, decoded: np.ndarray, raw: np.ndarray, stride: int) ->
 
 def verify(root: str | Path, episodes: int = 3, tokenizer: str | Path | None = None, stride: int = 1) -> dict:
     if stride < 1:
-        raise ValueError(f"stride must be >= 1 (frames between compared codes), got {stride}")
+        raise UserError(f"stride must be >= 1 (frames between compared codes), got {stride}")
     tok = None
     if tokenizer is not None:
         from emu_world.models.tokenizer import load_tokenizer
@@ -111,6 +112,7 @@ def verify(root: str | Path, episodes: int = 3, tokenizer: str | Path | None = N
     }
 
 
+@reports_user_errors
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="dataset folder (the one holding meta/info.json)")

@@ -888,17 +888,20 @@ class SequenceLayout:
             span = [c for r, c in boas if r == b and q < c < p
                     and (doc_ids is None or int(doc_ids[b, c]) == doc)]
             if span:
-                start = span[-1] + 1
-                stop = start
-                while stop < p and self.action.start <= int(tokens[b, stop]) < self.action.stop:
-                    stop += 1
-                if stop - start > slots:
-                    raise ValueError(
-                        f"an action span of {stop - start} bins does not fit model.action_hints={slots}; "
-                        "raise model.action_hints to the longest span (actions_per_frame x action dim)")
-                bins = tokens[b, start:stop] - self.action.start  # (n,)
+                bins = self._span_bins(tokens[b], span[-1] + 1, p, slots)  # (n,)
                 hints[b, target[inside], HINT_ACTIONS:HINT_ACTIONS + len(bins)] = bins
         return hints
+
+    def _span_bins(self, row: "torch.Tensor", start: int, end: int, slots: int) -> "torch.Tensor":
+        """The action bins of the span that starts at ``start`` (after its BOA) in ``row``, before ``end``."""
+        stop = start
+        while stop < end and self.action.start <= int(row[stop]) < self.action.stop:
+            stop += 1
+        if stop - start > slots:
+            raise ValueError(
+                f"an action span of {stop - start} bins does not fit model.action_hints={slots}; "
+                "raise model.action_hints to the longest span (actions_per_frame x action dim)")
+        return row[start:stop] - self.action.start
 
     def _cut(self, s: Sample, max_len: int) -> list[tuple[int, int]]:
         """[start, stop) pieces of one sample, each <= max_len, cut only at safe points."""

@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from emu_world.errors import MissingInputError, UserError
 from emu_world.models.weights import (
     autocast,
     check_export_dtype,
@@ -576,7 +577,7 @@ def check_same_codes(recorded: dict[str, Any], tokenizer: "ImageTokenizer", trai
     else:
         want, have = recorded["identity"], tokenizer.identity()
     if want != have:
-        raise ValueError(
+        raise UserError(
             f"{trained} was trained on codes of tokenizer {recorded['identity']} ({recorded.get('path')}), but the "
             f"tokenizer given is {tokenizer.identity()} (codes {tokenizer.code_identity()}), which maps frames to other "
             f"codes; {fix}"
@@ -585,7 +586,7 @@ def check_same_codes(recorded: dict[str, Any], tokenizer: "ImageTokenizer", trai
 
 def read_tokenizer_meta(path: Path) -> dict[str, Any]:
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{path} is not a tokenizer folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE}. Train one with "
             "`python -m emu_world.train stage=tokenizer dataset.root=...` or pass the folder that holds them."
         )
@@ -598,7 +599,7 @@ def check_config_match(expected: TokenizerConfig, saved: TokenizerConfig, where:
     diff = {k: (a[k], b[k]) for k in a if a[k] != b.get(k)}
     if diff:
         listed = ", ".join(f"{k}: config {v[0]!r} vs checkpoint {v[1]!r}" for k, v in sorted(diff.items()))
-        raise ValueError(
+        raise UserError(
             f"checkpoint {where} was trained with a different tokenizer config ({listed}). Use the matching "
             "config (e.g. tokenizer=<the yaml it was trained with> or these overrides), or start a fresh run "
             "in another run_dir."
@@ -671,7 +672,7 @@ def load_tokenizer(path: str | Path, image_size: int = 128) -> ImageTokenizer:
     path = Path(path)
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no {CONFIG_FILE} in {path}: pass a folder written by `python -m emu_world.train stage=tokenizer` "
             "(model.safetensors + config.json) or a local Emu3 VQ-VAE folder (config.json model_type emu3_vqgan)"
         )
@@ -680,7 +681,7 @@ def load_tokenizer(path: str | Path, image_size: int = 128) -> ImageTokenizer:
         return VisionTokenizer.load(path)
     if meta.get("model_type") == "emu3_vqgan":
         return Emu3VisionTokenizer(path, image_size=image_size)
-    raise ValueError(
+    raise UserError(
         f"{cfg_path} describes neither an emu_world tokenizer (format {FORMAT_NAME!r}) nor an Emu3 VQ-VAE "
         f"(model_type 'emu3_vqgan'); got format={meta.get('format')!r}, model_type={meta.get('model_type')!r}"
     )
