@@ -80,17 +80,26 @@ class EnvConfig:
 
 @dataclass
 class AgentConfig:
-    """``configs/agent/<name>.yaml``: what acts in the env."""
+    """``configs/agent/<name>.yaml``: what acts in the env (:func:`emu_world.agents.make_agent`)."""
 
     name: str
+    checkpoint: str | None = None  # a policy folder (bc, oracle_subgoal) or LeRobot's pretrained_model folder (act)
+    n_action_steps: int | None = None  # actions executed per chunk (null: the checkpoint's)
+    temporal_ensemble_coeff: float | None = None  # query every step and average chunks (null: the checkpoint's)
+    reached_threshold: float = 0.5  # subgoal agents advance when the head's reached probability exceeds this
+    subtask_budget: float = 2.0  # ... or when a subtask took this many times the expert's steps (oracle)
 
     def __post_init__(self) -> None:
         if self.name not in AGENTS:
             raise ValueError(f"unknown agent {self.name!r}; available: {sorted(AGENTS)}")
+        if self.name != "scripted" and not self.checkpoint:
+            raise ValueError(f"agent={self.name} needs agent.checkpoint=<folder>")
+        if not 0.0 < self.reached_threshold < 1.0 or self.subtask_budget <= 0:
+            raise ValueError("agent.reached_threshold must be in (0, 1) and agent.subtask_budget > 0")
 
 
-# Agents the evaluation harness can build; later stages add learned policies here.
-AGENTS = ("scripted",)
+# Agents the evaluation harness can build (emu_world/agents.py).
+AGENTS = ("scripted", "bc", "oracle_subgoal", "act")
 
 
 def to_dataclass(cls: type, cfg: DictConfig) -> Any:

@@ -3,8 +3,8 @@
 Every command that runs episodes goes through :func:`run_episode`: the evaluation harness
 (``python -m emu_world.evaluate``), the dataset recorder (``python -m emu_world.record``), the
 benchmarks that record fresh expert episodes, and the rollout command. An agent is anything with
-``reset(obs, info)`` and ``act(obs, info) -> action`` (:class:`Agent`); :func:`make_agent` builds the
-one a config names.
+``reset(obs, info)`` and ``act(obs, info) -> action`` (:class:`Agent`; the reset ``info`` carries the
+episode's ``seed``); :func:`emu_world.agents.make_agent` builds the one a config names.
 """
 
 from __future__ import annotations
@@ -15,12 +15,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from emu_world.config import AgentConfig, EnvConfig
-from emu_world.errors import UserError
-
 
 class Agent(Protocol):
-    """What the harness drives: scripted experts now, learned policies later."""
+    """What the harness drives: scripted experts, policy heads, the world-model agent."""
 
     def reset(self, obs: dict, info: dict) -> None: ...
 
@@ -35,19 +32,14 @@ class EpisodeResult:
     steps: int
     max_subtask_progress: int
     num_subtasks: int
-    seconds: float
-    env_seconds: float
+    seconds: float  # the step loop (agent + env + hooks), reset excluded
+    env_seconds: float  # inside env.step
+    agent_seconds: float = 0.0  # inside agent.act
+    reset_seconds: float = 0.0  # env.reset + agent.reset (an oracle's twin episode, a planner's setup)
+    success_step: int | None = None  # the first step after which the task was done
     collided_steps: int = 0  # steps the env refused as a collision (info["collided"], exploration)
     annotations: list[dict] = field(default_factory=list)  # the agent's subtasks, if it reports them
     video: str | None = None
-
-
-def make_agent(agent_cfg: AgentConfig, env_cfg: EnvConfig, env) -> Agent:
-    if agent_cfg.name == "scripted":
-        import envs
-
-        return envs.make_expert(env_cfg.name, env)
-    raise UserError(f"unknown agent {agent_cfg.name!r}")
 
 
 class StepCallback(Protocol):
@@ -65,18 +57,21 @@ def run_episode(env, agent: Agent, seed: int, episode: int = 0, record_camera: s
     """
     from envs import AnnotationTracker
 
-    start = time.perf_counter()
+    t_reset = time.perf_counter()
     obs, info = env.reset(seed=seed)
-    agent.reset(obs, info)
+    agent.reset(obs, {**info, "seed": seed})
+    start = time.perf_counter()
     tracker = AnnotationTracker(env.unwrapped.subtasks) if hasattr(agent, "subtask_index") else None
     frames = [obs["pixels"][record_camera]] if record_camera else []
     success, progress, steps, env_seconds = bool(info["is_success"]), int(info["subtask_progress"]), 0, 0.0
-    collided = 0
+    collided, agent_seconds, success_step = 0, 0.0, (0 if success else None)
     while True:
-        action = agent.act(obs, info)
         t0 = time.perf_counter()
+        action = agent.act(obs, info)
+        t1 = time.perf_counter()
         next_obs, reward, terminated, truncated, info = env.step(action)
-        env_seconds += time.perf_counter() - t0
+        env_seconds += time.perf_counter() - t1
+        agent_seconds += t1 - t0
         steps += 1
         subtask = getattr(agent, "subtask_index", None)
         if tracker is not None:
@@ -88,14 +83,16 @@ def run_episode(env, agent: Agent, seed: int, episode: int = 0, record_camera: s
         if record_camera:
             frames.append(obs["pixels"][record_camera])
         collided += bool(info.get("collided", False))
-        success = success or bool(info["is_success"])
+        if not success and bool(info["is_success"]):
+            success, success_step = True, steps
         progress = max(progress, int(info["subtask_progress"]))
         if terminated or truncated:
             break
     result = EpisodeResult(
         episode=episode, seed=seed, success=success, steps=steps, max_subtask_progress=progress,
         num_subtasks=int(info["num_subtasks"]), seconds=time.perf_counter() - start,
-        env_seconds=env_seconds, collided_steps=collided,
+        env_seconds=env_seconds, agent_seconds=agent_seconds, reset_seconds=start - t_reset,
+        success_step=success_step, collided_steps=collided,
         annotations=[a.to_dict() for a in tracker.annotations()] if tracker else [],
     )
     return result, frames

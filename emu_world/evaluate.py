@@ -6,11 +6,17 @@ Runs seeded episodes (episode ``i`` resets with ``seed + i``) with a progress ba
 JSON record per episode to ``episodes.jsonl`` and the summary to ``summary.json`` under the
 run's output directory (plus mp4s of the first ``video_episodes`` episodes when
 ``video=true``), and ends by printing the summary as one JSON line:
-``env, agent, episodes, seed, success_rate, success_ci95 (Wilson), steps_per_second, ...``.
+``env, agent, episodes, seed, success_rate, success_ci95 (Wilson), real_time_factor, ...``.
 
-An episode succeeds if ``info["is_success"]`` is true at any step (LeRobot's convention).
-``steps_per_second`` counts the whole loop (agent + env, rendering included);
-``env_steps_per_second`` counts time inside ``env.step`` only.
+    python -m emu_world.evaluate env=aloha_fold agent=oracle_subgoal episodes=100 seed=1000
+    python -m emu_world.evaluate env=aloha_fold agent=bc agent.checkpoint=outputs/train/bc/policy
+
+An episode succeeds if ``info["is_success"]`` is true at any step (LeRobot's convention);
+``mean_steps_to_success`` averages the first such step over successful episodes.
+``steps_per_second`` counts the step loop (agent + env, rendering included; the reset, e.g. an
+oracle's twin episode, excluded); ``real_time_factor`` is simulated seconds (steps / control rate)
+per wall second of that loop (>= 1: faster than the robot's clock); ``agent_seconds_per_step`` is
+the time inside the agent; ``env_steps_per_second`` counts time inside ``env.step`` only.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from emu_world.agents import make_agent
 from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
-from emu_world.episodes import EpisodeResult, make_agent, run_episode
+from emu_world.episodes import EpisodeResult, run_episode
 from emu_world.errors import UserError, reports_user_errors
 from emu_world.media import write_mp4
 from emu_world.metrics import wilson_interval
@@ -58,12 +65,22 @@ def evaluate(env_cfg: EnvConfig, agent_cfg: AgentConfig, episodes: int, seed: in
                 bar.set_postfix(success=f"{np.mean([r.success for r in results]):.2f}")
     finally:
         env.close()
+        if hasattr(agent, "close"):
+            agent.close()
+    summary = summarize(env_cfg, agent_cfg, results, seed, env.unwrapped.has_success, output_dir)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
+
+def summarize(env_cfg: EnvConfig, agent_cfg: AgentConfig, results: list[EpisodeResult], seed: int,
+              has_success: bool, output_dir: Path) -> dict[str, Any]:
+    """Success with its Wilson interval, speed (real-time factor: simulated seconds per wall second of
+    the step loop; the agent's seconds per control step) and mean steps to success."""
     n_success = sum(r.success for r in results)
     lo, hi = wilson_interval(n_success, len(results))
-    has_success = env.unwrapped.has_success
     total_steps = sum(r.steps for r in results)
-    summary = {
+    to_success = [r.success_step for r in results if r.success_step is not None]
+    return {
         "env": env_cfg.name,
         "agent": agent_cfg.name,
         "episodes": len(results),
@@ -74,14 +91,17 @@ def evaluate(env_cfg: EnvConfig, agent_cfg: AgentConfig, episodes: int, seed: in
         "mean_subtask_progress": float(np.mean([r.max_subtask_progress for r in results])),
         "mean_steps": total_steps / len(results),
         "collided_steps": sum(r.collided_steps for r in results),
+        "mean_steps_to_success": float(np.mean(to_success)) if to_success else None,
         "steps_per_second": total_steps / sum(r.seconds for r in results),
         "env_steps_per_second": total_steps / sum(r.env_seconds for r in results),
+        "real_time_factor": total_steps / env_cfg.fps / sum(r.seconds for r in results),
+        "agent_seconds_per_step": sum(r.agent_seconds for r in results) / total_steps,
+        "reset_seconds": sum(r.reset_seconds for r in results) / len(results),
         "image_size": env_cfg.image_size,
         "cameras": list(env_cfg.cameras),
+        "checkpoint": agent_cfg.checkpoint,
         "output_dir": str(output_dir),
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")

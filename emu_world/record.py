@@ -20,9 +20,10 @@ import hydra
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from emu_world.agents import make_agent
 from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
 from emu_world.data.recorder import DatasetRecorder, features_for_env
-from emu_world.episodes import make_agent, run_episode
+from emu_world.episodes import run_episode
 from emu_world.errors import UserError, reports_user_errors
 from emu_world.provenance import code_version
 

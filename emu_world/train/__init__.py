@@ -2,7 +2,8 @@
 
 One loop (:mod:`emu_world.train.loop`) runs every stage; each stage is one module that supplies its
 data, model, step, evaluation, checkpoint state and export (:class:`~emu_world.train.loop.Stage`):
-:mod:`~emu_world.train.tokenizer`, :mod:`~emu_world.train.world_model`, :mod:`~emu_world.train.dida`.
+:mod:`~emu_world.train.tokenizer`, :mod:`~emu_world.train.world_model`, :mod:`~emu_world.train.dida`,
+:mod:`~emu_world.train.policy`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ STAGES = {
     "tokenizer": "emu_world.train.tokenizer:TokenizerStage",
     "world_model": "emu_world.train.world_model:WorldModelStage",
     "dida": "emu_world.train.dida:DidaStage",
+    "policy": "emu_world.train.policy:PolicyStage",
 }
 
 

@@ -1,0 +1,220 @@
+"""Agents: what acts in a task, built from ``configs/agent/<name>.yaml`` by :func:`make_agent`.
+
+- ``scripted``: the task's scripted expert (``envs``).
+- ``bc``: the goal-free policy head (:class:`PolicyAgent`).
+- ``oracle_subgoal``: the goal head shown the true keyframes (:class:`OracleSubgoalAgent`): the
+  scripted expert's frames at its subtask ends for the same seed, from a twin env, computed before the
+  episode. The upper bound of what a perfect planner would give.
+- ``act``: LeRobot's ACT, trained by ``lerobot-train`` on the same dataset (:mod:`policies.act`).
+
+Every agent has ``reset(obs, info)`` (``info["seed"]`` is the episode's seed) and ``act(obs, info)``.
+Subgoal agents (:class:`SubgoalAgent`) keep the index of the subtask they pursue
+(``subtask_index``, recorded as the episode's annotations) and advance it when the goal head says
+the frame has reached the keyframe (its reached probability over ``reached_threshold`` at a fresh
+query; the head then re-queries with the next keyframe), or when the subtask took
+``subtask_budget`` times the expert's steps for it. Advancing on the env's ``subtask_progress``
+instead stops short: it rises 9-26 steps after the expert's subtask changes on aloha_fold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from emu_world.config import AgentConfig, EnvConfig, resolve_path
+from emu_world.episodes import Agent, run_episode
+from emu_world.errors import MissingInputError, UserError
+from policies.goal_head import GoalHeadPolicy
+from policies.goal_head.modeling_goal_head import frames_to_input, read_policy_meta
+
+
+def load_policy(agent_cfg: AgentConfig, env_cfg: EnvConfig, want_goal: bool) -> GoalHeadPolicy:
+    """The goal head (``want_goal``) or the goal-free head at ``agent.checkpoint``, checked against the env;
+    the agent's execution overrides applied."""
+    path = resolve_path(str(agent_cfg.checkpoint))
+    try:
+        meta = read_policy_meta(path)
+    except FileNotFoundError as e:
+        raise MissingInputError(f"agent={agent_cfg.name}: {e}") from None
+    head = meta["config"]
+    if (head["goal"] != "none") != want_goal:
+        kind, fix = ("a goal head", "policy.goal=keyframe") if want_goal else ("a goal-free head", "policy.goal=none")
+        raise UserError(f"agent={agent_cfg.name} needs {kind}, but {path} holds a policy with goal={head['goal']!r}; "
+                        f"train one with `python -m emu_world.train stage=policy dataset.root=datasets/{env_cfg.name} "
+                        f"{fix}` or point agent.checkpoint at it")
+    if head["action_dim"] != env_cfg.action_dim or head["state_dim"] != env_cfg.state_dim:
+        raise UserError(f"{path} drives a robot with {head['action_dim']}-D actions and {head['state_dim']}-D state, but "
+                        f"env={env_cfg.name} has {env_cfg.action_dim}-D and {env_cfg.state_dim}-D: use a checkpoint "
+                        f"trained on {env_cfg.name} (agent.checkpoint=checkpoints/policy_{env_cfg.name}/...)")
+    if head["camera"] not in env_cfg.cameras or head["image_size"] != env_cfg.image_size:
+        raise UserError(f"{path} reads the {head['camera']!r} camera at {head['image_size']}px, but the env renders "
+                        f"{list(env_cfg.cameras)} at {env_cfg.image_size}px: set env.cameras / env.image_size to match")
+    policy = GoalHeadPolicy.load(path)
+    overrides = {k: getattr(agent_cfg, k) for k in ("n_action_steps", "temporal_ensemble_coeff")
+                 if getattr(agent_cfg, k) is not None}
+    if overrides:
+        policy.config = replace(policy.config, **overrides)
+        policy.config.__post_init__()
+        policy.reset()
+    return policy
+
+
+class PolicyAgent:
+    """A policy head acting from the observed camera and the robot's state (no goal: behaviour cloning)."""
+
+    def __init__(self, policy: GoalHeadPolicy):
+        self.policy = policy.eval()
+        self.camera = policy.config.camera
+
+    def observation(self, obs: dict) -> dict[str, torch.Tensor]:
+        return {"observation.image": frames_to_input(np.asarray(obs["pixels"][self.camera])[None]),
+                "observation.state": torch.as_tensor(np.asarray(obs["agent_pos"], dtype=np.float32))[None]}
+
+    def reset(self, obs: dict, info: dict) -> None:
+        self.policy.reset()
+
+    def act(self, obs: dict, info: dict) -> np.ndarray:
+        return self.policy.select_action(self.observation(obs))[0].numpy()
+
+
+class SubgoalAgent(PolicyAgent):
+    """The goal head pursuing a sequence of keyframes, one per subtask (see the module docstring).
+    Subclasses supply the keyframes (:meth:`keyframe`) and the step budget of each subtask."""
+
+    def __init__(self, policy: GoalHeadPolicy, reached_threshold: float = 0.5):
+        super().__init__(policy)
+        self.reached_threshold = reached_threshold
+        self.subtask_index = 0
+        self.steps_in_subtask = 0
+        self.advances: list[dict[str, Any]] = []  # when and why the subgoal moved on, per episode
+
+    @property
+    def num_subtasks(self) -> int:
+        raise NotImplementedError
+
+    def keyframe(self, index: int) -> np.ndarray:
+        """(H, W, 3) uint8 keyframe of subtask ``index``."""
+        raise NotImplementedError
+
+    def budget(self, index: int) -> int | None:
+        """Steps after which subtask ``index`` is given up and the next one pursued (None: no budget)."""
+        return None
+
+    def reset(self, obs: dict, info: dict) -> None:
+        super().reset(obs, info)
+        self.subtask_index, self.steps_in_subtask, self.advances = 0, 0, []
+
+    def _query(self, obs: dict) -> tuple[np.ndarray, bool]:
+        batch = self.observation(obs)
+        batch["observation.goal"] = frames_to_input(self.keyframe(self.subtask_index)[None])
+        before = self.policy.queries
+        action = self.policy.select_action(batch)[0].numpy()
+        fresh = self.policy.queries != before
+        reached = fresh and float(self.policy.last_reached[0]) > self.reached_threshold
+        return action, reached
+
+    def advance(self, step_reason: str) -> None:
+        self.advances.append({"subtask": self.subtask_index, "after_steps": self.steps_in_subtask, "why": step_reason})
+        self.subtask_index += 1
+        self.steps_in_subtask = 0
+        self.policy.reset()  # the queued actions pursued the old keyframe
+
+    def act(self, obs: dict, info: dict) -> np.ndarray:
+        last = self.num_subtasks - 1
+        budget = self.budget(self.subtask_index)
+        if self.subtask_index < last and budget is not None and self.steps_in_subtask >= budget:
+            self.advance("budget")
+        action, reached = self._query(obs)
+        if reached and self.subtask_index < last:
+            self.advance("reached")
+            action, _ = self._query(obs)
+        self.steps_in_subtask += 1
+        return action
+
+
+class OracleSubgoalAgent(SubgoalAgent):
+    """The goal head shown the scripted expert's keyframes for the episode's seed (a twin env runs the
+    expert first; the keyframe of subtask k is the expert's first frame of subtask k + 1, the last
+    subtask's is its last frame, as in the recorded datasets)."""
+
+    def __init__(self, policy: GoalHeadPolicy, env_cfg: EnvConfig, reached_threshold: float = 0.5,
+                 subtask_budget: float = 2.0):
+        super().__init__(policy, reached_threshold)
+        self.env_cfg, self.subtask_budget = env_cfg, subtask_budget
+        self._twin = None
+        self.keyframes: list[np.ndarray] = []
+        self.expert_steps: list[int] = []
+
+    @property
+    def num_subtasks(self) -> int:
+        return len(self.keyframes)
+
+    def keyframe(self, index: int) -> np.ndarray:
+        return self.keyframes[index]
+
+    def budget(self, index: int) -> int | None:
+        return int(np.ceil(self.subtask_budget * self.expert_steps[index])) + 1
+
+    def reset(self, obs: dict, info: dict) -> None:
+        super().reset(obs, info)
+        if "seed" not in info:
+            raise ValueError("oracle_subgoal needs the episode's seed in the reset info (emu_world.episodes.run_episode)")
+        self.keyframes, self.expert_steps = expert_keyframes(self._twin_env(), self.env_cfg.name, int(info["seed"]),
+                                                             self.camera)
+
+    def _twin_env(self):
+        if self._twin is None:
+            self._twin = self.env_cfg.make()
+        return self._twin
+
+    def close(self) -> None:
+        if self._twin is not None:
+            self._twin.close()
+            self._twin = None
+
+
+def expert_keyframes(env, task: str, seed: int, camera: str) -> tuple[list[np.ndarray], list[int]]:
+    """Run the scripted expert of ``task`` on ``env`` with ``seed``: the keyframe of each of its subtasks
+    and the steps each took."""
+    import envs
+
+    expert = envs.make_expert(task, env)
+    frames: list[np.ndarray] = []
+    subtasks: list[int] = []
+
+    def on_step(obs, action, next_obs, reward, terminated, truncated, info, subtask):
+        frames.append(np.asarray(obs["pixels"][camera]))
+        subtasks.append(int(subtask))
+
+    run_episode(env, expert, seed, on_step=on_step)
+    labels = np.asarray(subtasks)
+    keyframes, steps = [], []
+    for k in range(int(labels.max()) + 1):
+        where = np.flatnonzero(labels == k)
+        after = np.flatnonzero(labels > k)
+        keyframes.append(frames[after[0]] if len(after) else frames[-1])
+        steps.append(int(len(where)))
+    return keyframes, steps
+
+
+def make_agent(agent_cfg: AgentConfig, env_cfg: EnvConfig, env) -> Agent:
+    """The agent ``agent_cfg`` names, for ``env``."""
+    if agent_cfg.name == "scripted":
+        import envs
+
+        return envs.make_expert(env_cfg.name, env)
+    if agent_cfg.name == "bc":
+        return PolicyAgent(load_policy(agent_cfg, env_cfg, want_goal=False))
+    if agent_cfg.name == "oracle_subgoal":
+        return OracleSubgoalAgent(load_policy(agent_cfg, env_cfg, want_goal=True), env_cfg,
+                                  agent_cfg.reached_threshold, agent_cfg.subtask_budget)
+    if agent_cfg.name == "act":
+        from policies.act import LeRobotACTAgent
+
+        return LeRobotACTAgent.load(Path(resolve_path(str(agent_cfg.checkpoint))), env_cfg, agent_cfg.n_action_steps,
+                                    agent_cfg.temporal_ensemble_coeff)
+    raise UserError(f"unknown agent {agent_cfg.name!r}")
