@@ -123,17 +123,28 @@ class SubgoalAgent(PolicyAgent):
         self.steps_in_subtask = 0
         self.policy.reset()  # the queued actions pursued the old keyframe
 
-    def act(self, obs: dict, info: dict) -> np.ndarray:
-        last = self.num_subtasks - 1
+    def before_query(self, obs: dict) -> None:
+        """Hook before the head is queried (the oracle gives a subtask up when its budget ran out)."""
         budget = self.budget(self.subtask_index)
-        if self.subtask_index < last and budget is not None and self.steps_in_subtask >= budget:
+        if self.subtask_index < self.num_subtasks - 1 and budget is not None and self.steps_in_subtask >= budget:
             self.advance("budget")
+
+    def on_reached(self, obs: dict) -> None:
+        """The head says the frame reached the keyframe: pursue the next subtask."""
+        self.advance("reached")
+
+    def act(self, obs: dict, info: dict) -> np.ndarray:
+        self.before_query(obs)
         action, reached = self._query(obs)
-        if reached and self.subtask_index < last:
-            self.advance("reached")
+        if reached and self.subtask_index < self.num_subtasks - 1:
+            self.on_reached(obs)
             action, _ = self._query(obs)
         self.steps_in_subtask += 1
         return action
+
+    def report(self) -> dict[str, Any]:
+        """What the episode's records say about the agent's subgoals."""
+        return {"advances": list(self.advances)}
 
 
 class OracleSubgoalAgent(SubgoalAgent):
@@ -177,6 +188,96 @@ class OracleSubgoalAgent(SubgoalAgent):
             self._twin = None
 
 
+class WorldModelAgent(SubgoalAgent):
+    """The product: the planner imagines the subtask and its keyframe with the world model
+    (:mod:`emu_world.planner`), the goal head reaches it. Plans are made when the episode starts, when
+    the head says the keyframe is reached (the next subtask), when the subtask's step budget ran out
+    (the next subtask), and, with ``replan=chunk``, before every new chunk (the same subtask, imagined
+    again from the current frame). Planning time counts in the agent's time."""
+
+    def __init__(self, policy: GoalHeadPolicy, planner: Any, subtask_steps: list[int], replan: str = "reached",
+                 reached_threshold: float = 0.5, subtask_budget: float = 2.0):
+        super().__init__(policy, reached_threshold)
+        if replan not in REPLANS:
+            raise UserError(f"agent.replan must be one of {REPLANS}, got {replan!r}")
+        self.planner, self.replan, self.subtask_budget = planner, replan, subtask_budget
+        self.subtask_steps = subtask_steps
+        self.plan = None
+        self.planner_seconds = 0.0
+
+    @property
+    def num_subtasks(self) -> int:
+        return len(self.planner.subtasks)
+
+    def keyframe(self, index: int) -> np.ndarray:
+        return self.plan.keyframe
+
+    @property
+    def goal_text(self) -> str | None:
+        return self.plan.text if self.plan is not None else None
+
+    def budget(self, index: int) -> int | None:
+        steps = self.subtask_steps[index] if index < len(self.subtask_steps) else max(self.subtask_steps)
+        return int(np.ceil(self.subtask_budget * steps)) + 1
+
+    def reset(self, obs: dict, info: dict) -> None:
+        super().reset(obs, info)
+        self.planner.reset()
+        self.plan, self.planner_seconds = None, 0.0
+
+    def _plan(self, obs: dict, reached: bool = False, budget: bool = False) -> None:
+        self.plan = self.planner.plan(np.asarray(obs["pixels"][self.camera]), reached=reached, budget=budget)
+        self.planner_seconds += self.plan.seconds
+        if self.plan.subtask_index != self.subtask_index:
+            self.advances.append({"subtask": self.subtask_index, "after_steps": self.steps_in_subtask,
+                                  "why": self.plan.reason})
+            self.subtask_index, self.steps_in_subtask = self.plan.subtask_index, 0
+            self.policy.reset()  # the queued actions pursued the old keyframe
+
+    def before_query(self, obs: dict) -> None:
+        if self.plan is None:
+            self._plan(obs)
+            return
+        budget = self.budget(self.subtask_index)
+        if self.subtask_index < self.num_subtasks - 1 and budget is not None and self.steps_in_subtask >= budget:
+            self._plan(obs, budget=True)
+        elif self.replan == "chunk" and self.policy.needs_query():
+            self._plan(obs)
+
+    def on_reached(self, obs: dict) -> None:
+        self._plan(obs, reached=True)
+
+    def report(self) -> dict[str, Any]:
+        return {"advances": list(self.advances), "plans": self.planner.summary(),
+                "planner_seconds": round(self.planner_seconds, 4), "replans": len(self.planner.history)}
+
+    def images(self) -> list[tuple[str, np.ndarray]]:
+        """The keyframes imagined in the episode, labelled (for the evaluation's pictures)."""
+        return [(f"{i}: {p.reason} -> {p.subtask_index}", p.keyframe) for i, p in enumerate(self.planner.history)]
+
+
+REPLANS = ("reached", "chunk")
+
+
+def subtask_steps(policy_path: Path) -> list[int]:
+    """Median expert steps per subtask of the goal head's training data (its manifest's record, else its
+    dataset's annotations): the world-model agent's step budgets."""
+    import json
+
+    from emu_world.data.policy_samples import dataset_subtask_steps
+    from emu_world.data.robot_dataset import RobotDataset
+
+    manifest = json.loads((policy_path / "manifest.json").read_text()) if (policy_path / "manifest.json").is_file() \
+        else {}
+    if manifest.get("data", {}).get("subtask_steps"):
+        return [int(x) for x in manifest["data"]["subtask_steps"]]
+    root = resolve_path(manifest.get("data", {}).get("root", ""))
+    if not manifest or not (root / "meta" / "info.json").is_file():
+        raise UserError(f"{policy_path} does not say how long its task's subtasks take (manifest.json with data.root); "
+                        "re-export it with `python -m emu_world.train stage=policy`")
+    return dataset_subtask_steps(RobotDataset(root, check_videos=False))
+
+
 def expert_keyframes(env, task: str, seed: int, camera: str) -> tuple[list[np.ndarray], list[int]]:
     """Run the scripted expert of ``task`` on ``env`` with ``seed``: the keyframe of each of its subtasks
     and the steps each took."""
@@ -212,6 +313,16 @@ def make_agent(agent_cfg: AgentConfig, env_cfg: EnvConfig, env) -> Agent:
     if agent_cfg.name == "oracle_subgoal":
         return OracleSubgoalAgent(load_policy(agent_cfg, env_cfg, want_goal=True), env_cfg,
                                   agent_cfg.reached_threshold, agent_cfg.subtask_budget)
+    if agent_cfg.name == "world_model":
+        from omegaconf import OmegaConf
+
+        from emu_world.config import to_dataclass
+        from emu_world.planner import Planner, PlannerConfig
+
+        policy = load_policy(agent_cfg, env_cfg, want_goal=True)
+        planner = Planner(to_dataclass(PlannerConfig, OmegaConf.create(dict(agent_cfg.planner))), env_cfg.name)
+        return WorldModelAgent(policy, planner, subtask_steps(resolve_path(str(agent_cfg.checkpoint))),
+                               agent_cfg.replan, agent_cfg.reached_threshold, agent_cfg.subtask_budget)
     if agent_cfg.name == "act":
         from policies.act import LeRobotACTAgent
 

@@ -87,7 +87,9 @@ class AgentConfig:
     n_action_steps: int | None = None  # actions executed per chunk (null: the checkpoint's)
     temporal_ensemble_coeff: float | None = None  # query every step and average chunks (null: the checkpoint's)
     reached_threshold: float = 0.5  # subgoal agents advance when the head's reached probability exceeds this
-    subtask_budget: float = 2.0  # ... or when a subtask took this many times the expert's steps (oracle)
+    subtask_budget: float = 2.0  # ... or when a subtask took this many times the expert's steps for it
+    replan: str = "reached"  # world_model: reached (a new keyframe per subtask) | chunk (re-imagined every chunk)
+    planner: dict = field(default_factory=dict)  # world_model: emu_world.planner.PlannerConfig settings
 
     def __post_init__(self) -> None:
         if self.name not in AGENTS:
@@ -99,7 +101,7 @@ class AgentConfig:
 
 
 # Agents the evaluation harness can build (emu_world/agents.py).
-AGENTS = ("scripted", "bc", "oracle_subgoal", "act")
+AGENTS = ("scripted", "bc", "oracle_subgoal", "act", "world_model")
 
 
 def to_dataclass(cls: type, cfg: DictConfig) -> Any:

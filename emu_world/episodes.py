@@ -39,6 +39,7 @@ class EpisodeResult:
     success_step: int | None = None  # the first step after which the task was done
     collided_steps: int = 0  # steps the env refused as a collision (info["collided"], exploration)
     annotations: list[dict] = field(default_factory=list)  # the agent's subtasks, if it reports them
+    agent: dict = field(default_factory=dict)  # the agent's own record of the episode (agent.report())
     video: str | None = None
 
 
@@ -94,5 +95,6 @@ def run_episode(env, agent: Agent, seed: int, episode: int = 0, record_camera: s
         env_seconds=env_seconds, agent_seconds=agent_seconds, reset_seconds=start - t_reset,
         success_step=success_step, collided_steps=collided,
         annotations=[a.to_dict() for a in tracker.annotations()] if tracker else [],
+        agent=agent.report() if hasattr(agent, "report") else {},
     )
     return result, frames

@@ -36,7 +36,7 @@ from emu_world.agents import make_agent
 from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
 from emu_world.episodes import EpisodeResult, run_episode
 from emu_world.errors import UserError, reports_user_errors
-from emu_world.media import write_mp4
+from emu_world.media import save_grid, write_mp4
 from emu_world.metrics import wilson_interval
 
 
@@ -59,6 +59,10 @@ def evaluate(env_cfg: EnvConfig, agent_cfg: AgentConfig, episodes: int, seed: in
                 if record:
                     path = write_mp4(output_dir / "videos" / f"episode_{i:03d}.mp4", frames, env_cfg.fps)
                     result.video = str(path)
+                    if hasattr(agent, "images") and agent.images():  # what a planner imagined
+                        labels, images = zip(*agent.images())
+                        save_grid(output_dir / "videos" / f"episode_{i:03d}_keyframes.png",
+                                  [("imagined", list(images))], list(labels))
                 results.append(result)
                 log.write(json.dumps(asdict(result)) + "\n")
                 log.flush()
@@ -97,11 +101,24 @@ def summarize(env_cfg: EnvConfig, agent_cfg: AgentConfig, results: list[EpisodeR
         "real_time_factor": total_steps / env_cfg.fps / sum(r.seconds for r in results),
         "agent_seconds_per_step": sum(r.agent_seconds for r in results) / total_steps,
         "reset_seconds": sum(r.reset_seconds for r in results) / len(results),
+        **planner_split(results),
         "image_size": env_cfg.image_size,
         "cameras": list(env_cfg.cameras),
         "checkpoint": agent_cfg.checkpoint,
         "output_dir": str(output_dir),
     }
+
+
+def planner_split(results: list[EpisodeResult]) -> dict[str, Any]:
+    """For agents that plan (world_model): the planner's share of the agent's time and the plans per episode."""
+    if not any("planner_seconds" in r.agent for r in results):
+        return {}
+    planner = sum(r.agent.get("planner_seconds", 0.0) for r in results)
+    agent = sum(r.agent_seconds for r in results)
+    return {"planner_seconds_per_step": planner / sum(r.steps for r in results),
+            "policy_seconds_per_step": (agent - planner) / sum(r.steps for r in results),
+            "planner_share_of_agent_time": planner / agent if agent > 0 else None,
+            "mean_plans_per_episode": float(np.mean([r.agent.get("replans", 0) for r in results]))}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")

@@ -162,3 +162,12 @@ def random_shift(images: list[torch.Tensor], shift: int, rng: np.random.Generato
         dy, dx = rng.integers(0, 2 * shift + 1, size=B), rng.integers(0, 2 * shift + 1, size=B)
         x = torch.stack([padded[b, :, dy[b]:dy[b] + H, dx[b]:dx[b] + W] for b in range(B)])
     return list(x.split(3, dim=1))
+
+
+def dataset_subtask_steps(ds) -> list[int]:
+    """Median steps of each subtask index over a dataset's annotated episodes."""
+    lengths: dict[int, list[int]] = {}
+    for e in range(ds.num_episodes):
+        for s in ds.episode(e, decode=False).subtasks:
+            lengths.setdefault(s.index, []).append(s.end_frame - s.start_frame + 1)
+    return [int(np.median(lengths[k])) for k in sorted(lengths)]

@@ -196,11 +196,14 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prefix: Sequence[int], max_new_tokens: int | None = None, images: int = 0,
-                 action_spans: int = 0, seed: int = 0, uncond_prefix: Sequence[int] | None = None) -> GenerationResult:
+                 action_spans: int = 0, seed: int = 0, uncond_prefix: Sequence[int] | None = None,
+                 stop_at_image: bool = False) -> GenerationResult:
         """Continue ``prefix`` until EOS, ``max_new_tokens`` (None: the model's position budget),
         or until ``images`` new images and ``action_spans`` new action spans are complete (EOS is
-        not allowed before). ``seed`` fixes the sampling. With ``config.cfg_scale`` set, vision
-        codes are guided by ``uncond_prefix`` (default :func:`unconditional_prefix`)."""
+        not allowed before). ``stop_at_image``: stop when the model starts an image (SOV) after
+        generating something, without it (stop ``"image"``): text-only generation, e.g. a plan's
+        next subtask. ``seed`` fixes the sampling. With ``config.cfg_scale`` set, vision codes are
+        guided by ``uncond_prefix`` (default :func:`unconditional_prefix`)."""
         L = self.layout
         prefix = [int(t) for t in np.asarray(prefix).reshape(-1).tolist()]
         st = L.state_after(prefix, self.action_dim)  # validates the prefix
@@ -216,12 +219,12 @@ class Generator:
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._decode(st, prefix, budget, images, action_spans, seed, uncond_prefix)
+            return self._decode(st, prefix, budget, images, action_spans, seed, uncond_prefix, stop_at_image)
         finally:
             self.model.train(was_training)
 
     def _decode(self, st: StreamState, prefix: list[int], budget: int, images: int, action_spans: int, seed: int,
-                uncond_prefix: Sequence[int] | None) -> GenerationResult:
+                uncond_prefix: Sequence[int] | None, stop_at_image: bool = False) -> GenerationResult:
         """The decoding loop of :meth:`generate` (arguments checked there); advances ``st``."""
         L, model, cfg = self.layout, self.model, self.config
         device = next(model.parameters()).device
@@ -259,6 +262,9 @@ class Generator:
                     logits = base + cfg.cfg_scale * (logits - base)
                 token = self._sample(logits, allowed, getattr(cfg, modality), gen)
                 sampled[modality] += 1
+            if stop_at_image and token == L.sov and new:
+                stop = "image"
+                break
             st.advance(token)
             new.append(token)
             cond.push(token)

@@ -37,7 +37,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from emu_world.config import to_dataclass
 from emu_world.data.frames import FrameDataConfig, resolve_roots
-from emu_world.data.policy_samples import PolicyEpisodes, SampleConfig
+from emu_world.data.policy_samples import (
+    PolicyEpisodes,
+    SampleConfig,
+    dataset_subtask_steps,
+)
 from emu_world.data.robot_dataset import RobotDataset
 from emu_world.errors import UserError
 from emu_world.models.tokenizer import load_tokenizer
@@ -219,6 +223,8 @@ class PolicyStage(Stage):
             "data": {"root": str(self.root), "env": provenance.get("env"), "episodes": len(seeds),
                      "train_episodes": self.train_eps.episodes, "heldout_episodes": self.heldout.episodes,
                      "episode_seeds": seeds, "train_frames": len(self.train_eps),
+                     "subtask_steps": dataset_subtask_steps(RobotDataset(self.root, check_videos=False))
+                     if self.train_eps.annotated else None,
                      "sampling": asdict(replace(self.samples))},
             "tokenizer": tokenizer, "metrics": metrics, "train_seconds": round(train_seconds, 1),
             "world_size": self.info.world_size, "torch_threads_per_rank": torch.get_num_threads(),

@@ -191,6 +191,10 @@ class GoalHeadPolicy(nn.Module):
         self.last_reached = torch.sigmoid(reached) if reached is not None else None
         return chunk * self.action_std + self.action_mean
 
+    def needs_query(self) -> bool:
+        """Whether the next :meth:`select_action` runs the network (a new chunk, or every step when ensembling)."""
+        return self._ensembler is not None or not self._queue
+
     @torch.no_grad()
     def select_action(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, A): the next action (a new query when the chunk's executed steps ran out, or every step

@@ -1,0 +1,126 @@
+"""The planner (subtask memory, text-only generation, keyframes by AR or DiDA) and the world-model agent,
+on a tiny untrained export of a tiny tokenizer: the mechanics, not the quality."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from emu_world.agents import WorldModelAgent, subtask_steps
+from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
+from emu_world.errors import UserError
+from emu_world.evaluate import evaluate
+from emu_world.models.generate import GenerationConfig, Generator, Sampling
+from emu_world.models.layout import ActionBinner, LayoutConfig, SequenceLayout
+from emu_world.models.tokenizer import TokenizerConfig, VisionTokenizer
+from emu_world.models.world_model import WorldModel, WorldModelConfig
+from emu_world.planner import Planner, PlannerConfig, nearest_subtask
+from policies.goal_head import GoalHeadConfig, GoalHeadPolicy
+
+torch.set_num_threads(1)
+TASK = "widowx_pick_place"
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> dict[str, Path]:
+    """An untrained tiny tokenizer (32x32 frames, 4x4 codes), a world-model folder laid out as
+    ``train stage=dida`` exports it, and a tiny goal head for the same robot."""
+    tmp = tmp_path_factory.mktemp("planner")
+    torch.manual_seed(0)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["tokenizer=tiny", "layout=tiny"])
+    tok = VisionTokenizer(to_dataclass(TokenizerConfig, cfg.tokenizer))
+    tok.save(tmp / "tokenizer")
+    layout_cfg = to_dataclass(LayoutConfig, cfg.layout)
+    layout = SequenceLayout.from_config(layout_cfg, tok.codebook_size, tuple(tok.grid))
+    out = tmp / "world_model"
+    WorldModel(WorldModelConfig.preset("tiny"), layout).save(out)
+    (out / "binners").mkdir()
+    ActionBinner(-np.ones(7), np.ones(7), layout_cfg.action_bins).save(out / "binners" / f"{TASK}.json")
+    manifest = {
+        "tokenizer": {"path": str(tmp / "tokenizer"), "identity": tok.identity()},
+        "config": {"layout": asdict(layout_cfg), "data": {"frame_stride": {"widowx": 1}}},
+        "data": [{"name": TASK, "embodiment": "widowx", "cameras": ["observation.images.front"],
+                  "binner": f"binners/{TASK}.json"}],
+        "dida": {"sampler": {"steps": 2, "update": "renoise", "start": "previous", "start_time": 0.5}},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    head = GoalHeadConfig(channels=[8], strides=[4], keypoints=2, hidden=8).resolved("front", 32, 7, 7, 5.0)
+    GoalHeadPolicy(head).save(tmp / "goal")
+    (tmp / "goal" / "manifest.json").write_text(json.dumps({"data": {"subtask_steps": [3, 2, 4]}}))
+    return {"tokenizer": tmp / "tokenizer", "world_model": out, "goal": tmp / "goal"}
+
+
+def planner(export, **kw) -> Planner:
+    return Planner(PlannerConfig(checkpoint=str(export["world_model"]), tokenizer=str(export["tokenizer"]), **kw), TASK)
+
+
+def frame(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def test_text_generation_can_stop_where_the_image_would_start(export):
+    p = planner(export, decoding="ar")
+    codes = p.tokenizer.encode(frame()[None]).numpy()[0]
+    prompt = p.ex.layout.plan(p.prompt, codes, [], [], end=False).tokens
+    gen = Generator(p.ex.model, p.ex.layout, GenerationConfig(text=Sampling(0.0)))
+    out = gen.generate(prompt, max_new_tokens=64, stop_at_image=True)
+    assert out.stop in ("image", "budget", "eos")
+    assert p.ex.layout.sov not in out.new_tokens.tolist()  # stopped before any image began
+
+
+def test_the_subtask_index_moves_on_when_reached_and_goes_back_only_on_repeated_evidence(export, monkeypatch):
+    p = planner(export, decoding="ar", back_votes=2)
+    subtasks = p.subtasks
+    said = iter([subtasks[1], subtasks[2], subtasks[0], subtasks[2], subtasks[0], subtasks[0], "gibberish"])
+    monkeypatch.setattr(p, "say", lambda codes: next(said))
+    p.reset()
+    first = p.plan(frame(0))
+    assert (first.subtask_index, first.reason) == (1, "first")  # where the model says the episode stands
+    assert first.keyframe.shape == (32, 32, 3) and first.keyframe_codes.shape == (4, 4)
+    assert p.plan(frame(1)).subtask_index == 1  # it names a later subtask: evidence, not a decision
+    assert p.plan(frame(2), reached=True).subtask_index == 2  # reached: the next one
+    assert p.plan(frame(3)).subtask_index == 2  # one vote for an earlier subtask is not enough
+    back = [p.plan(frame(4)), p.plan(frame(5))]  # ... the vote was broken, then two in a row
+    assert [b.subtask_index for b in back] == [2, 0] and back[1].reason == "back"
+    assert p.plan(frame(6)).subtask_index == 0  # an unknown text changes nothing
+    assert [s["reason"] for s in p.summary()][:3] == ["first", "replan", "reached"]
+
+
+def test_keyframes_by_dida_are_seeded_and_the_known_text_mode_skips_generation(export):
+    p = planner(export, decoding="dida", text="known")
+    a, b = p.plan(frame(), seed=3), p.plan(frame(), seed=3)
+    assert a.said is None and a.text == p.subtasks[0]
+    np.testing.assert_array_equal(a.keyframe_codes, b.keyframe_codes)
+    with pytest.raises(UserError, match="was not trained on aloha_fold"):
+        Planner(PlannerConfig(checkpoint=str(export["world_model"]), tokenizer=str(export["tokenizer"])), "aloha_fold")
+
+
+def test_nearest_subtask():
+    names = ("grasp the cube", "lift it", "put it in the bowl")
+    assert nearest_subtask("lift it", names) == 1 and nearest_subtask("lift itt", names) == 1
+    assert nearest_subtask("fold the cloth", names) is None
+
+
+def test_the_world_model_agent_plans_and_acts_through_evaluate(export, tmp_path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            f"env={TASK}", "env.image_size=32", "env.max_episode_steps=6", "agent=world_model",
+            f"agent.checkpoint={export['goal']}", f"agent.planner.checkpoint={export['world_model']}",
+            f"agent.planner.tokenizer={export['tokenizer']}", "agent.replan=chunk", "agent.subtask_budget=0.5"])
+    env_cfg, agent_cfg = to_dataclass(EnvConfig, cfg.env), to_dataclass(AgentConfig, cfg.agent)
+    summary = evaluate(env_cfg, agent_cfg, episodes=1, seed=2, output_dir=tmp_path, video=True, progress=False)
+    record = json.loads((tmp_path / "episodes.jsonl").read_text())
+    plans = record["agent"]["plans"]
+    assert record["steps"] == 6 and len(plans) >= 3  # a plan per chunk (2 steps at 5 Hz), budgets of 2-3 steps
+    assert summary["mean_plans_per_episode"] == len(plans) and 0 < summary["planner_share_of_agent_time"] <= 1
+    assert (tmp_path / "videos" / "episode_000_keyframes.png").is_file()
+    assert subtask_steps(export["goal"]) == [3, 2, 4]
+    with pytest.raises(UserError, match="agent.replan"):
+        WorldModelAgent(GoalHeadPolicy.load(export["goal"]), None, [3], replan="always")
