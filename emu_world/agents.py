@@ -38,8 +38,14 @@ def load_policy(agent_cfg: AgentConfig, env_cfg: EnvConfig, want_goal: bool) -> 
     path = resolve_path(str(agent_cfg.checkpoint))
     try:
         meta = read_policy_meta(path)
-    except FileNotFoundError as e:
-        raise MissingInputError(f"agent={agent_cfg.name}: {e}") from None
+    except FileNotFoundError:
+        kind = "goal head" if want_goal else "goal-free head"
+        goal = "" if want_goal else " policy.goal=none"
+        raise MissingInputError(
+            f"agent={agent_cfg.name} on env={env_cfg.name}: no {kind} at {agent_cfg.checkpoint}. Train it: "
+            f"`python -m emu_world.record env={env_cfg.name} episodes=100 seed=0 dataset.root=datasets/{env_cfg.name}`, "
+            f"then `python -m emu_world.train stage=policy dataset.root=datasets/{env_cfg.name}{goal} "
+            f"policy_data.export_dir={agent_cfg.checkpoint}` (or pass agent.checkpoint=<folder>)") from None
     head = meta["config"]
     if (head["goal"] != "none") != want_goal:
         kind, fix = ("a goal head", "policy.goal=keyframe") if want_goal else ("a goal-free head", "policy.goal=none")
@@ -146,6 +152,12 @@ class SubgoalAgent(PolicyAgent):
         """What the episode's records say about the agent's subgoals."""
         return {"advances": list(self.advances)}
 
+    def goal_frame(self) -> np.ndarray | None:
+        """The keyframe pursued now (for videos)."""
+        return self.keyframe(self.subtask_index) if self.num_subtasks else None
+
+    goal_text: str | None = None
+
 
 class OracleSubgoalAgent(SubgoalAgent):
     """The goal head shown the scripted expert's keyframes for the episode's seed (a twin env runs the
@@ -166,6 +178,13 @@ class OracleSubgoalAgent(SubgoalAgent):
 
     def keyframe(self, index: int) -> np.ndarray:
         return self.keyframes[index]
+
+    @property
+    def goal_text(self) -> str | None:
+        import envs
+
+        subtasks = envs.task_spec(self.env_cfg.name).env_cls().subtasks
+        return subtasks[self.subtask_index] if self.subtask_index < len(subtasks) else None
 
     def budget(self, index: int) -> int | None:
         return int(np.ceil(self.subtask_budget * self.expert_steps[index])) + 1
@@ -212,6 +231,9 @@ class WorldModelAgent(SubgoalAgent):
     def keyframe(self, index: int) -> np.ndarray:
         return self.plan.keyframe
 
+    def goal_frame(self) -> np.ndarray | None:
+        return self.plan.keyframe if self.plan is not None else None
+
     @property
     def goal_text(self) -> str | None:
         return self.plan.text if self.plan is not None else None
@@ -257,6 +279,18 @@ class WorldModelAgent(SubgoalAgent):
 
 
 REPLANS = ("reached", "chunk")
+
+
+def world_model_for(task: str, decoding: str) -> str:
+    """``planner.checkpoint=auto``: the task's own world model (``checkpoints/world_model_<task>``) when it
+    is there and can decode this way (DiDA needs an adapted export), else the default one."""
+    from emu_world.models.export import WorldModelExport
+
+    own = f"checkpoints/world_model_{task}"
+    if (resolve_path(own) / "manifest.json").is_file():
+        if decoding != "dida" or WorldModelExport.read(own).dida_adapted:
+            return own
+    return "checkpoints/world_model"
 
 
 def subtask_steps(policy_path: Path) -> list[int]:
@@ -320,7 +354,11 @@ def make_agent(agent_cfg: AgentConfig, env_cfg: EnvConfig, env) -> Agent:
         from emu_world.planner import Planner, PlannerConfig
 
         policy = load_policy(agent_cfg, env_cfg, want_goal=True)
-        planner = Planner(to_dataclass(PlannerConfig, OmegaConf.create(dict(agent_cfg.planner))), env_cfg.name)
+        settings = dict(agent_cfg.planner)
+        if settings.get("checkpoint", "auto") == "auto":
+            settings["checkpoint"] = world_model_for(env_cfg.name, str(settings.get("decoding", "dida")))
+        agent_cfg.planner = settings
+        planner = Planner(to_dataclass(PlannerConfig, OmegaConf.create(settings)), env_cfg.name)
         return WorldModelAgent(policy, planner, subtask_steps(resolve_path(str(agent_cfg.checkpoint))),
                                agent_cfg.replan, agent_cfg.reached_threshold, agent_cfg.subtask_budget)
     if agent_cfg.name == "act":

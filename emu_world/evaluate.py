@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import numpy as np
@@ -41,8 +41,10 @@ from emu_world.metrics import wilson_interval
 
 
 def evaluate(env_cfg: EnvConfig, agent_cfg: AgentConfig, episodes: int, seed: int, output_dir: Path,
-             video: bool = False, video_episodes: int = 2, progress: bool = True) -> dict[str, Any]:
-    """Run ``episodes`` seeded episodes; write per-episode records; return the summary."""
+             video: bool = False, video_episodes: int = 2, progress: bool = True,
+             view: Callable[[dict, Any], np.ndarray] | None = None) -> dict[str, Any]:
+    """Run ``episodes`` seeded episodes; write per-episode records; return the summary. ``view(obs, agent)``
+    draws each video frame (default: the env's first camera)."""
     if episodes <= 0:
         raise UserError(f"episodes must be positive, got {episodes}")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +57,12 @@ def evaluate(env_cfg: EnvConfig, agent_cfg: AgentConfig, episodes: int, seed: in
             bar = tqdm(range(episodes), desc=f"{env_cfg.name}/{agent_cfg.name}", disable=not progress)
             for i in bar:
                 record = video and i < video_episodes
-                result, frames = run_episode(env, agent, seed + i, i, camera if record else None)
+                frames: list[np.ndarray] = []
+                hook = (lambda obs, action, next_obs, *rest: frames.append(view(next_obs, agent))) \
+                    if record and view is not None else None
+                result, camera_frames = run_episode(env, agent, seed + i, i, camera if record and view is None else None,
+                                                    on_step=hook)
+                frames = camera_frames or frames
                 if record:
                     path = write_mp4(output_dir / "videos" / f"episode_{i:03d}.mp4", frames, env_cfg.fps)
                     result.video = str(path)
