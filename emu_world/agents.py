@@ -312,9 +312,9 @@ def subtask_steps(policy_path: Path) -> list[int]:
     return dataset_subtask_steps(RobotDataset(root, check_videos=False))
 
 
-def expert_keyframes(env, task: str, seed: int, camera: str) -> tuple[list[np.ndarray], list[int]]:
-    """Run the scripted expert of ``task`` on ``env`` with ``seed``: the keyframe of each of its subtasks
-    and the steps each took."""
+def expert_run(env, task: str, seed: int, camera: str) -> tuple[np.ndarray, np.ndarray]:
+    """Run the scripted expert of ``task`` on ``env`` with ``seed``: the observed frames (T, H, W, 3) and the
+    expert's subtask index at each step (T,)."""
     import envs
 
     expert = envs.make_expert(task, env)
@@ -326,14 +326,24 @@ def expert_keyframes(env, task: str, seed: int, camera: str) -> tuple[list[np.nd
         subtasks.append(int(subtask))
 
     run_episode(env, expert, seed, on_step=on_step)
-    labels = np.asarray(subtasks)
-    keyframes, steps = [], []
+    return np.stack(frames), np.asarray(subtasks, dtype=np.int64)
+
+
+def subtask_keyframes(labels: np.ndarray) -> list[int]:
+    """The keyframe step of each subtask of an expert run: the first step of the next subtask, the last
+    step for the last subtask (as in the recorded datasets)."""
+    out = []
     for k in range(int(labels.max()) + 1):
-        where = np.flatnonzero(labels == k)
         after = np.flatnonzero(labels > k)
-        keyframes.append(frames[after[0]] if len(after) else frames[-1])
-        steps.append(int(len(where)))
-    return keyframes, steps
+        out.append(int(after[0]) if len(after) else len(labels) - 1)
+    return out
+
+
+def expert_keyframes(env, task: str, seed: int, camera: str) -> tuple[list[np.ndarray], list[int]]:
+    """The keyframe of each of the expert's subtasks for ``seed`` and the steps each took."""
+    frames, labels = expert_run(env, task, seed, camera)
+    keyframes = [frames[t] for t in subtask_keyframes(labels)]
+    return keyframes, [int((labels == k).sum()) for k in range(len(keyframes))]
 
 
 def make_agent(agent_cfg: AgentConfig, env_cfg: EnvConfig, env) -> Agent:

@@ -50,6 +50,8 @@ class PlannerConfig:
     steps: int | None = None  # DiDA refinement passes (null: the export's)
     text: str = "generate"  # generate: the model names the subtask (evidence for the index) | known: skip it
     back_votes: int = 3  # consecutive plans naming an earlier subtask before the index goes back
+    reached_codes: float | None = None  # also advance when this fraction of the frame's codes equals the pursued
+    #                                     keyframe's (the planner's own reached test; null: only the caller's)
     seed: int = 0  # DiDA's noise (greedy decoding otherwise)
 
     def __post_init__(self) -> None:
@@ -59,6 +61,8 @@ class PlannerConfig:
             raise ValueError(f"planner.text must be one of {TEXTS}, got {self.text!r}")
         if self.back_votes < 1:
             raise ValueError(f"planner.back_votes must be >= 1, got {self.back_votes}")
+        if self.reached_codes is not None and not 0.0 < self.reached_codes <= 1.0:
+            raise ValueError(f"planner.reached_codes must be in (0, 1] or null, got {self.reached_codes}")
 
 
 @dataclass
@@ -144,20 +148,30 @@ class Planner:
             return int(named), "back"
         return st.index, "replan"
 
+    def imagine(self, codes: np.ndarray, text: str, seed: int = 0) -> np.ndarray:
+        """(h, w) codes of the keyframe of subtask ``text`` seen from the frame with ``codes``."""
+        prompt = self.ex.layout.plan(self.prompt, codes, [text], [], end=False).tokens
+        return self.predict(prompt, seed=seed).codes
+
+    def codes_reached(self, codes: np.ndarray) -> bool:
+        """The planner's own reached test: enough of the frame's codes equal the pursued keyframe's."""
+        if self.config.reached_codes is None or not self.state.history:
+            return False
+        return float((codes == self.state.history[-1].keyframe_codes).mean()) >= self.config.reached_codes
+
     def plan(self, frame: np.ndarray, reached: bool = False, budget: bool = False, seed: int | None = None) -> Plan:
         """Plan from ``frame`` ((H, W, 3) uint8): ``reached`` / ``budget``: the current keyframe was reached
         / its step budget ran out (the index moves on)."""
         t0 = time.perf_counter()
         codes = self.tokenizer.encode(np.asarray(frame)[None]).numpy()[0]  # (h, w)
         said = self.say(codes) if self.config.text == "generate" else None
-        index, reason = self._choose(said, reached, budget)
+        index, reason = self._choose(said, reached or self.codes_reached(codes), budget)
         self.state.index = index
         text = self.subtasks[index]
-        prompt = self.ex.layout.plan(self.prompt, codes, [text], [], end=False).tokens
         seed = self.config.seed + len(self.state.history) if seed is None else seed
-        out = self.predict(prompt, seed=seed)
-        keyframe = self.tokenizer.decode(out.codes[None]).numpy()[0]
-        plan = Plan(index, text, said, out.codes, keyframe, time.perf_counter() - t0, reason)
+        keyframe_codes = self.imagine(codes, text, seed)
+        keyframe = self.tokenizer.decode(keyframe_codes[None]).numpy()[0]
+        plan = Plan(index, text, said, keyframe_codes, keyframe, time.perf_counter() - t0, reason)
         self.state.history.append(plan)
         return plan
 

@@ -23,6 +23,8 @@ BENCHMARKS = {
                     "action-conditioned frame prediction against the simulator, training throughput"),
     "dida": ("emu_world.bench.dida:bench_dida",
              "DiDA K-step parallel decoding against token-by-token AR: speed and quality"),
+    "planner": ("emu_world.bench.planner:bench_planner",
+                "the planner along expert trajectories: subtask text accuracy, imagined keyframes vs the true ones"),
 }
 
 
