@@ -26,13 +26,14 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from emu_world.config import CONFIG_DIR, EnvConfig, to_dataclass
+from emu_world.config import CONFIG_DIR, EnvConfig, resolve_path, to_dataclass
 from emu_world.data.sequences import span_steps
+from emu_world.errors import UserError
 from emu_world.models.dida import ARFramePredictor, FramePrediction, FramePredictor
 from emu_world.models.export import WorldModelExport
-from emu_world.models.generate import Generator
+from emu_world.models.generate import Generator, Sampling
 from emu_world.models.layout import ActionBinner, Sample, SequenceLayout
-from emu_world.models.tokenizer import ImageTokenizer
+from emu_world.models.tokenizer import ImageTokenizer, load_tokenizer
 from emu_world.models.world_model import WorldModel
 
 
@@ -71,6 +72,21 @@ class LoadedExport:
     def manifest(self) -> dict[str, Any]:
         return self.export.manifest
 
+    def spec(self, task: str) -> TaskSpec:
+        """How the model saw ``task``; a task outside its training data is refused with the ones it knows."""
+        if task not in self.tasks:
+            raise UserError(f"the world model {self.path} was not trained on {task}; its simulator tasks: "
+                            f"{sorted(self.tasks)}; pass checkpoint=<an export trained on {task}>")
+        return self.tasks[task]
+
+    def predictor(self, spec: TaskSpec, decoding: str = "dida", tokenizer: ImageTokenizer | None = None,
+                  steps: int | None = None, vision: Sampling | None = None) -> FramePredictor:
+        """The next-frame decoder of ``spec``'s stream: token by token (``ar``) or DiDA at ``steps`` passes
+        (None: the export's recorded K), greedy unless ``vision`` says otherwise."""
+        sampler = {"steps": steps} if decoding == "dida" else {}
+        config = self.export.decoding(decoding, vision, **sampler)
+        return self.export.frame_predictor(self.model, self.layout, config, tokenizer, spec.action_dim)
+
 
 def task_specs(export: WorldModelExport) -> dict[str, TaskSpec]:
     """How the export saw each simulator task of its training data (datasets this checkout cannot
@@ -91,6 +107,17 @@ def task_specs(export: WorldModelExport) -> dict[str, TaskSpec]:
     return tasks
 
 
+def task_checkpoint(task: str, decoding: str = "dida") -> str:
+    """The world model a task's commands use by default (``checkpoint=auto``): the task's own export
+    ``checkpoints/world_model_<task>`` when it is there and can decode this way (DiDA needs an adapted
+    export), else the default ``checkpoints/world_model`` (trained on every task)."""
+    own = f"checkpoints/world_model_{task}"
+    there = (resolve_path(own) / "manifest.json").is_file()
+    if there and (decoding != "dida" or WorldModelExport.read(own).dida_adapted):
+        return own
+    return "checkpoints/world_model"
+
+
 def load_export(checkpoint: str | Path, tokenizer: ImageTokenizer) -> LoadedExport:
     """The world-model folder written by ``train stage=world_model|dida``: model, layout, binners, strides;
     refuses a tokenizer other than the one it was trained on."""
@@ -98,6 +125,17 @@ def load_export(checkpoint: str | Path, tokenizer: ImageTokenizer) -> LoadedExpo
     export.check_tokenizer(tokenizer)
     layout = export.layout(tokenizer)
     return LoadedExport(export, layout, export.load_model(layout), task_specs(export))
+
+
+def load_for_task(checkpoint: str, tokenizer: str | None, task: str,
+                  decoding: str = "dida") -> tuple[ImageTokenizer, LoadedExport, TaskSpec]:
+    """The tokenizer, export and task spec a command on one task opens: ``checkpoint="auto"`` is
+    :func:`task_checkpoint`, ``tokenizer=None`` the one the export records."""
+    folder = task_checkpoint(task, decoding) if checkpoint == "auto" else checkpoint
+    path = resolve_path(tokenizer) if tokenizer else WorldModelExport.read(folder).tokenizer_path
+    tok = load_tokenizer(path)
+    ex = load_export(folder, tok)
+    return tok, ex, ex.spec(task)
 
 
 @dataclass
@@ -270,10 +308,27 @@ class WorldModelEnv:
         """The sample the model continues: the window's frames, the conditions between them and ``condition``."""
         return build_sample(self.layout, self.spec, self.text, np.stack(self.codes), [*self.conds, condition], end=False)
 
+    def check_condition(self, condition: Any) -> None:
+        """Refuse a command text the model never saw (exploration): each of its ", "-joined parts must be
+        one of ``spec.commands``, so a typo fails here rather than prompting the model with unseen text."""
+        if self.spec.commands is None:
+            return
+        parts = condition.split(", ") if isinstance(condition, str) else [condition]
+        unknown = [p for p in parts if p not in self.spec.commands]
+        if unknown:
+            raise ValueError(f"{self.spec.task}: unknown command(s) {unknown}; the commands are "
+                             f"{list(self.spec.commands)}")
+
+    @property
+    def window(self) -> int:
+        """Frames in the context window now (at most ``context_frames``)."""
+        return len(self.codes)
+
     def step(self, condition: Any, seed: int = 0) -> ImaginedFrame:
         """Imagine the frame after ``condition``; it joins the window (the oldest frame leaves when full)."""
         if not self.codes:
             raise RuntimeError("WorldModelEnv.step before reset")
+        self.check_condition(condition)
         out: FramePrediction = self.predict(self.prompt(condition).tokens, seed=seed)
         self.codes = (self.codes + [out.codes])[-self.context:]
         self.conds = self._last_conds([*self.conds, condition])

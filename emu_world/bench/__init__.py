@@ -25,6 +25,8 @@ BENCHMARKS = {
              "DiDA K-step parallel decoding against token-by-token AR: speed and quality"),
     "planner": ("emu_world.bench.planner:bench_planner",
                 "the planner along expert trajectories: subtask text accuracy, imagined keyframes vs the true ones"),
+    "explore": ("emu_world.bench.explore:bench_explore",
+                "playable exploration: interactive frames/s, PSNR vs the simulator, controllability (delta-PSNR)"),
 }
 
 

@@ -1,5 +1,6 @@
-"""What the rollout benchmarks share (``world_model``, ``dida``): opening an export from a benchmark
-config, scoring imagined rollouts against the simulator, and where a benchmark writes its files.
+"""What the rollout benchmarks share (``world_model``, ``dida``, ``explore``): opening an export from a
+benchmark config, scoring imagined rollouts against the simulator, timing interactive imagination
+(:func:`imagine_timed`: encode, model, decode, as a player sees it), and where a benchmark writes its files.
 
 Scoring (:func:`score_rollouts`): from ``starts`` start frames ``j`` per recorded episode, the
 world-model environment (:mod:`emu_world.rollouts`) imagines frames ``j+1 .. j+max(horizons)`` from
@@ -12,6 +13,7 @@ ceiling, and the mean per-rollout PSNR gain over copy-last with its 95% interval
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from emu_world.rollouts import (
     LoadedExport,
     Rollout,
     TaskSpec,
+    WorldModelEnv,
     build_sample,
     load_export,
     rollout,
@@ -187,3 +190,36 @@ def open_bench(cfg: DictConfig) -> BenchSetup:
         raise UserError("horizons, context_frames and starts must be >= 1")
     return BenchSetup(checkpoint, tokenizer, ex, names, horizons,
                       Sampling(float(cfg.vision.temperature), int(cfg.vision.top_k)))
+
+
+@dataclass
+class TimedImagination:
+    """Frames imagined step by step as a player gets them, and where the time went."""
+
+    frames: np.ndarray  # (H, H_img, W_img, 3) uint8 decoded imagined frames
+    encode_seconds: float  # the tokenizer encoding the true context frames (once, at reset)
+    model_seconds: float  # the frame predictor (prompt prefill and decoding)
+    other_seconds: float  # per step: the tokenizer decode and building the prompt
+
+    @property
+    def seconds(self) -> float:
+        return self.encode_seconds + self.model_seconds + self.other_seconds
+
+
+def imagine_timed(world: WorldModelEnv, frames: np.ndarray, context_conds: list[Any], conds: list[Any],
+                  seed: int) -> TimedImagination:
+    """Reset ``world`` (which holds a tokenizer) from the true ``frames`` (n, H, W, 3) with the
+    ``context_conds`` between them, then imagine one frame per condition of ``conds`` (step ``i`` seeded
+    ``seed + i``, as :func:`~emu_world.rollouts.rollout`), each decoded to pixels: the interactive loop of
+    ``python -m emu_world.explore``, timed by part."""
+    t0 = time.perf_counter()
+    world.reset(frames=frames, conds=context_conds)
+    encode = time.perf_counter() - t0
+    out, model, wall = [], 0.0, 0.0
+    for i, cond in enumerate(conds):
+        t0 = time.perf_counter()
+        step = world.step(cond, seed=seed + i)
+        wall += time.perf_counter() - t0
+        model += step.seconds
+        out.append(step.frame)
+    return TimedImagination(np.stack(out), encode, model, wall - model)
