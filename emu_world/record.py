@@ -80,7 +80,7 @@ def record(env_cfg: EnvConfig, agent_cfg: AgentConfig, root: Path, repo_id: str,
         bar.close()
         env.close()
     if kept < episodes:
-        raise RuntimeError(
+        raise UserError(
             f"only {kept}/{episodes} episodes kept after {max_attempts} attempts (failed seeds: {failed_seeds}); "
             f"the dataset at {root} holds the {kept} kept episodes. Raise max_attempts or check the agent."
         )

@@ -96,13 +96,13 @@ def task_specs(export: WorldModelExport) -> dict[str, TaskSpec]:
     strides = export.config["data"]["frame_stride"]
     tasks = {}
     for entry in export.data_entries():
-        name = str(entry["name"])
-        if not (CONFIG_DIR / "env" / f"{name}.yaml").is_file():
+        name = simulated_task(entry)
+        if name is None:
             continue  # a dataset this checkout cannot simulate
         commands = getattr(envs.task_spec(name).env_cls(), "commands", None)
         tasks[name] = TaskSpec(name, str(entry["embodiment"]),
                                str(entry["cameras"][0]).removeprefix("observation.images."),
-                               int(strides[entry["embodiment"]]), export.binner(name),
+                               int(strides[entry["embodiment"]]), export.binner(str(entry["name"])),
                                tuple(commands) if commands else None)
     return tasks
 
@@ -116,6 +116,22 @@ def task_checkpoint(task: str, decoding: str = "dida") -> str:
     if there and (decoding != "dida" or WorldModelExport.read(own).dida_adapted):
         return own
     return "checkpoints/world_model"
+
+
+def simulated_task(entry: dict[str, Any]) -> str | None:
+    """The simulator task of a training-data entry: its dataset name when that is a task, else the env
+    its recording names (``meta/emu_world.json``), else None."""
+    import json
+
+    name = str(entry["name"])
+    if (CONFIG_DIR / "env" / f"{name}.yaml").is_file():
+        return name
+    provenance = Path(str(entry.get("root", ""))) / "meta" / "emu_world.json"
+    if entry.get("root") and provenance.is_file():
+        env = json.loads(provenance.read_text()).get("env")
+        if env and (CONFIG_DIR / "env" / f"{env}.yaml").is_file():
+            return str(env)
+    return None
 
 
 def load_export(checkpoint: str | Path, tokenizer: ImageTokenizer) -> LoadedExport:
