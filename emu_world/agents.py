@@ -281,18 +281,6 @@ class WorldModelAgent(SubgoalAgent):
 REPLANS = ("reached", "chunk")
 
 
-def world_model_for(task: str, decoding: str) -> str:
-    """``planner.checkpoint=auto``: the task's own world model (``checkpoints/world_model_<task>``) when it
-    is there and can decode this way (DiDA needs an adapted export), else the default one."""
-    from emu_world.models.export import WorldModelExport
-
-    own = f"checkpoints/world_model_{task}"
-    if (resolve_path(own) / "manifest.json").is_file():
-        if decoding != "dida" or WorldModelExport.read(own).dida_adapted:
-            return own
-    return "checkpoints/world_model"
-
-
 def subtask_steps(policy_path: Path) -> list[int]:
     """Median expert steps per subtask of the goal head's training data (its manifest's record, else its
     dataset's annotations): the world-model agent's step budgets."""
@@ -362,11 +350,12 @@ def make_agent(agent_cfg: AgentConfig, env_cfg: EnvConfig, env) -> Agent:
 
         from emu_world.config import to_dataclass
         from emu_world.planner import Planner, PlannerConfig
+        from emu_world.rollouts import task_checkpoint
 
         policy = load_policy(agent_cfg, env_cfg, want_goal=True)
         settings = dict(agent_cfg.planner)
         if settings.get("checkpoint", "auto") == "auto":
-            settings["checkpoint"] = world_model_for(env_cfg.name, str(settings.get("decoding", "dida")))
+            settings["checkpoint"] = task_checkpoint(env_cfg.name, str(settings.get("decoding", "dida")))
         agent_cfg.planner = settings
         planner = Planner(to_dataclass(PlannerConfig, OmegaConf.create(settings)), env_cfg.name)
         return WorldModelAgent(policy, planner, subtask_steps(resolve_path(str(agent_cfg.checkpoint))),
