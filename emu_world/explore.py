@@ -86,7 +86,7 @@ class ExploreConfig:
     keys: str | None = None  # scripted keys (headless, or played into the window first)
     keys_file: str | None = None  # the same, from a text file
     scale: int = 4  # window pixels per frame pixel
-    threads: int = 2  # torch threads
+    threads: int = 1  # torch threads
     max_fps: float = 30.0  # window redraw cap while idle
     screenshot: str | None = None  # window: save the screen as a PNG here on quit
     keymap: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_KEYMAP))
@@ -391,6 +391,10 @@ def no_display(reason: str) -> NoDisplayError:
 def import_pygame() -> Any:
     """pygame, quietly (no greeting, no setuptools warning), or the install command."""
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    if os.environ.get("MUJOCO_GL", "egl") == "egl":
+        # MuJoCo renders offscreen through EGL; SDL's X11 driver would use GLX in the same process, and the
+        # simulator's next render then dies with an X error (BadAccess in X_GLXMakeCurrent; seen under Xvfb)
+        os.environ.setdefault("SDL_VIDEO_X11_FORCE_EGL", "1")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -564,7 +568,8 @@ def play_headless(session: ExploreSession, keys: list[str], output_dir: Path, fp
 def play_window(session: ExploreSession, cfg: ExploreConfig, keys: list[str] | None, info: dict[str, Any]) -> None:
     """The window: scripted keys first (if any), then the keyboard, until Q, Escape or the window closes."""
     pygame = import_pygame()
-    about = [f"model {Path(info['checkpoint']).name}", f"decoding {info['decoding']}",
+    name, _, how = str(info["decoding"]).partition(" (")  # "dida K=2 (renoise, start=previous)": two lines
+    about = [f"model {Path(info['checkpoint']).name}", f"decoding {name}", *([f"  ({how}"] if how else []),
              f"{info['frame_size']}px, {info['tokens_per_frame']} tokens/frame, context {info['context_frames']}"]
     view = WindowView(pygame, session, cfg, about)
     repeat = [k for k, v in cfg.keymap.items() if v in session.commands]

@@ -82,6 +82,13 @@ def dummy_video(monkeypatch):
     monkeypatch.setenv("SDL_AUDIODRIVER", "dummy")
 
 
+def test_the_window_asks_sdl_for_egl_beside_mujocos_egl(monkeypatch):
+    monkeypatch.delenv("SDL_VIDEO_X11_FORCE_EGL", raising=False)
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    import_pygame()  # SDL's X11 GLX beside MuJoCo's EGL: an X error on the next render (under Xvfb)
+    assert os.environ["SDL_VIDEO_X11_FORCE_EGL"] == "1"
+
+
 def test_the_window_loop_runs_on_injected_key_events(export, dummy_video, tmp_path):
     cfg, env_cfg = configs(export, "show_truth=true", f"screenshot={tmp_path / 'shot.png'}", "scale=2")
     session, info = open_session(cfg, env_cfg)
