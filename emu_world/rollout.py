@@ -6,6 +6,8 @@
     python -m emu_world.rollout env=aloha_fold agent.planner.steps=4               # DiDA with 4 passes
     python -m emu_world.rollout env=aloha_fold agent.checkpoint=<goal head> agent.planner.checkpoint=<world model>
     python -m emu_world.rollout env=aloha_fold agent=oracle_subgoal                # any agent of evaluate
+    python -m emu_world.rollout env=aloha_transfer_cube robot=sim agent=scripted dry_run=false
+    python -m emu_world.rollout env=aloha_transfer_cube robot=aloha agent=bc agent.checkpoint=<head>  # dry run
 
 Runs seeded episodes (episode ``i`` resets with ``seed + i``) with a progress bar through the
 evaluation harness (:func:`emu_world.evaluate.evaluate`), writes an mp4 per episode (the camera beside
@@ -17,6 +19,11 @@ Checkpoints: the goal head ``checkpoints/policy_<task>/goal`` and the world mode
 ``agent.planner.checkpoint=auto``: the task's own model ``checkpoints/world_model_<task>`` when it is
 there (and DiDA-adapted, for DiDA decoding), else the default ``checkpoints/world_model``. A task
 without them is refused with the commands that train them.
+
+With ``robot=<aloha|widowx|sim>`` (``configs/robot/``) the agent drives a robot instead, through the safety
+layer (:mod:`emu_world.hardware`): a dry run by default (every command it would send and every
+intervention printed, nothing moved), ``dry_run=false`` to move; it ends with the summary as one JSON line
+(success rate where the simulator measures it, intervention counts by kind). No videos on this path.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any
 import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
 from emu_world.errors import reports_user_errors
@@ -71,6 +78,13 @@ def main(cfg: DictConfig) -> None:
     env_cfg = to_dataclass(EnvConfig, cfg.env)
     agent_cfg = to_dataclass(AgentConfig, cfg.agent)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("robot") is not None:
+        from emu_world.hardware import run_on_robot
+
+        summary = run_on_robot(env_cfg, agent_cfg, OmegaConf.to_container(cfg.robot, resolve=True), int(cfg.episodes),
+                               int(cfg.seed), bool(cfg.dry_run), output_dir)
+        print(json.dumps(summary, default=str), flush=True)
+        return
     summary = evaluate(env_cfg, agent_cfg, int(cfg.episodes), int(cfg.seed), output_dir, video=bool(cfg.video),
                        video_episodes=int(cfg.episodes), progress=bool(cfg.progress),
                        view=side_by_side(env_cfg.cameras[0]))
