@@ -47,7 +47,9 @@ class SafetyConfig:
 
     max_joint_step: float  # rad per control tick, arm joints, from the last command sent
     max_gripper_step: float = 1.0  # normalised gripper change per control tick
-    max_tracking_error: float | None = None  # rad, |command - measured| for arm joints (None: not checked)
+    # rad, |command - measured| for arm joints (None: not checked); where it binds, a goal may move back
+    # towards the measured position by more than one step (the arm is blocked: push less)
+    max_tracking_error: float | None = None
     joint_margin: float = 0.0  # rad kept clear of each arm joint's limits
     workspace_low: list[float] | None = None  # (3,) m, tool centre point box, the kinematic model's frame
     workspace_high: list[float] | None = None
@@ -319,6 +321,8 @@ class EmergencyStop:
             termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._terminal)
 
     def _on_signal(self, signum, frame) -> None:
+        if self.tripped:  # a second Ctrl-C while the stop is under way: stop waiting for it
+            raise KeyboardInterrupt
         self.trip(signal.Signals(signum).name)
 
     def _start_key_watcher(self) -> None:

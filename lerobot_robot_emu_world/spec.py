@@ -121,7 +121,7 @@ class ArmSpec:
         return (ticks - self.zero_tick) * 2 * math.pi / TICKS_PER_TURN
 
     def to_ticks(self, radians: float) -> int:
-        return int(round(self.zero_tick + radians * TICKS_PER_TURN / (2 * math.pi)))
+        return round(self.zero_tick + radians * TICKS_PER_TURN / (2 * math.pi))
 
     def position_limits(self, motor: str) -> tuple[int, int]:
         """Min/Max_Position_Limit registers (raw ticks) of a motor: the joint limits for the driving

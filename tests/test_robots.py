@@ -15,12 +15,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from lerobot.cameras import CameraConfig
+from lerobot.cameras.camera import Camera
 from omegaconf import OmegaConf
 
 import envs
@@ -175,6 +178,44 @@ def robot_yaml(tmp_path: Path, name: str, **changes) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+
+@CameraConfig.register_subclass("test_pattern")
+@dataclass
+class PatternCameraConfig(CameraConfig):
+    """A camera showing a fixed pattern (tests only: no camera here). LeRobot finds :class:`PatternCamera`
+    beside it by name, as it finds any third-party camera."""
+
+
+class PatternCamera(Camera):
+    def __init__(self, config: PatternCameraConfig):
+        super().__init__(config)
+        self.connected = False
+        self.frame = np.indices((config.height, config.width)).sum(0, dtype=np.uint8)[..., None].repeat(3, -1)
+
+    @property
+    def is_connected(self) -> bool:
+        return self.connected
+
+    @staticmethod
+    def find_cameras():
+        return []
+
+    def connect(self, warmup: bool = True) -> None:
+        self.connected = True
+
+    def read(self):
+        return self.frame.copy()
+
+    def async_read(self, timeout_ms: float = 0):
+        return self.frame.copy()
+
+    def read_latest(self, max_age_ms: int = 500):
+        return self.frame.copy()
+
+    def disconnect(self) -> None:
+        self.connected = False
 
 
 # -- configuration ----------------------------------------------------------------------------------------
@@ -380,3 +421,44 @@ def test_lerobot_discovers_the_installed_plugin():
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert all(t in out.stdout for t in ("emu_world_aloha", "emu_world_widowx", "emu_world_sim")), out.stdout
+
+
+class Wiggle:
+    """A harmless agent: the measured pose with a small wiggle of every arm joint."""
+
+    def reset(self, obs, info):
+        self.t = 0
+
+    def act(self, obs, info):
+        self.t += 1
+        a = np.array(obs["agent_pos"], dtype=np.float64)
+        a[[0, 1, 2, 7, 8, 9]] += 0.01 * np.sin(self.t)
+        assert obs["pixels"]["top"].shape == (32, 32, 3)  # the camera, squared and resized for the agent
+        return a
+
+
+def test_a_hardware_dry_run_moves_nothing_and_a_live_run_moves(tmp_path, fake_ports):
+    from lerobot_robot_emu_world import EmuAloha, EmuAlohaConfig
+
+    pose = np.r_[envs.aloha.START_ARM_JOINTS, 0.5, envs.aloha.START_ARM_JOINTS, 0.5]
+    spec = EmuAlohaConfig().settings.arm
+    (left, left_chain), (right, _) = fake_ports("left", spec, pose[:6], 0.5), fake_ports("right", spec, pose[7:13], 0.5)
+    settings = yaml.safe_load((CONFIG_DIR / "robot" / "aloha.yaml").read_text())
+    settings.update(port_left=left, port_right=right,
+                    cameras={"top": {"type": "test_pattern", "width": 64, "height": 48, "fps": 30}})
+    first = EmuAloha(EmuAlohaConfig(config_file=str(robot_yaml(tmp_path, "aloha", **settings)),
+                                    calibration_dir=tmp_path))
+    first.connect(calibrate=True)  # the servos now hold the calibration
+    first.disconnect()
+    env_cfg, agent_cfg, _, _ = compose_rollout("env=aloha_transfer_cube", "agent=scripted", "env.image_size=32",
+                                               "env.max_episode_steps=10")
+    for dry_run in (True, False):
+        lines, clock = [], Clock()
+        summary = run_on_robot(env_cfg, agent_cfg, settings, episodes=1, seed=0, dry_run=dry_run,
+                               output_dir=tmp_path / str(dry_run), echo=lines.append, clock=clock, sleep=clock.sleep,
+                               agent_factory=lambda robot: Wiggle())
+        assert summary["robot"] == "aloha" and summary["success_rate"] is None  # hardware cannot tell
+        if dry_run:
+            assert left_chain.goal_writes == [] and summary["commands_planned"] == 10 and len(lines) == 10
+        else:
+            assert len(left_chain.goal_writes) == summary["commands_sent"] == 10 and lines == []

@@ -166,11 +166,16 @@ def late(adv: Adversary, t: int, a: np.ndarray) -> np.ndarray:
     return a
 
 
-def sigint(adv: Adversary, t: int, a: np.ndarray) -> np.ndarray:
-    if t == 6:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-    return a + (0.2 if t > 6 else 0.0)
+def signalled(signum: int):
+    """An agent that sends the process ``signum`` (Ctrl-C, a supervisor's SIGTERM) at step 6, then jumps."""
+
+    def corrupt(adv: Adversary, t: int, a: np.ndarray) -> np.ndarray:
+        if t == 6:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.05)
+        return a + (0.2 if t > 6 else 0.0)
+
+    return corrupt
 
 
 CORRUPT = {
@@ -181,7 +186,8 @@ CORRUPT = {
     "toward_table": toward_table,
     "frozen": frozen,
     "late": late,
-    "sigint": sigint,
+    "sigint": signalled(signal.SIGINT),
+    "sigterm": signalled(signal.SIGTERM),
 }
 
 
@@ -258,12 +264,14 @@ def test_adversarial_stream_sends_nothing_unsafe(task, kind, tmp_path, monkeypat
     assert unsafe(spy.robot, spy.sent, kinematics) == []
     counts = {k: v for k, v in summary["interventions"].items() if v}
     expected = {"nan": "non_finite", "inf": "non_finite", "huge_jumps": "joint_step", "out_of_range": "joint_limit",
-                "toward_table": "workspace", "frozen": "estop", "late": "watchdog", "sigint": "estop"}[kind]
+                "toward_table": "workspace", "frozen": "estop", "late": "watchdog", "sigint": "estop",
+                "sigterm": "estop"}[kind]
     if task == WIDOWX and kind == "out_of_range":
         expected = "action_bounds"
     assert counts.get(expected, 0) > 0, counts
-    if kind in ("frozen", "sigint"):
-        assert summary["emergency_stop"] == ("the agent missed 10 deadlines in a row" if kind == "frozen" else "SIGINT")
+    if kind in ("frozen", "sigint", "sigterm"):
+        stop = {"frozen": "the agent missed 10 deadlines in a row", "sigint": "SIGINT", "sigterm": "SIGTERM"}[kind]
+        assert summary["emergency_stop"] == stop
         assert not spy.robot.is_connected and spy.sent[-1][2]  # the last command was the stop's hold
     with capsys.disabled():
         print(f"\n{task:20s} {kind:13s} commands sent {summary['commands_sent']:3d}  interventions {counts}  "
