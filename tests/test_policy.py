@@ -169,8 +169,15 @@ def test_samples_pair_each_frame_with_its_keyframe_and_pad_the_chunk(datasets):
     kf = eps.keyframe[i]
     assert batch["reached"].tolist() == [float(kf[0] - 0 <= 1), float(kf[1] - i[1] <= 1), 1.0]
     frames = np.arange(len(eps))
-    jittered = eps.goal_indices(frames, np.random.default_rng(1), SampleConfig(keyframe_jitter=5))
-    assert (jittered >= frames).all() and (jittered < eps.episode_end).all()
+    jittered, past = eps.goal_indices(frames, np.random.default_rng(1), SampleConfig(keyframe_jitter=5))
+    assert (jittered >= frames).all() and (jittered < eps.episode_end).all() and not past.any()
+    # goals reached a moment ago: at most past_window steps back, inside the episode, reached, no action loss
+    cfg = SampleConfig(chunk_size=3, keyframe_jitter=0, shift=0, reached_margin=1, past_prob=1.0, past_window=4)
+    back, past = eps.goal_indices(frames, np.random.default_rng(2), cfg)
+    assert past.all() and (back <= frames).all() and (frames - back <= 4).all()
+    assert (back >= eps.episode_start(frames)).all() and eps.episode_start(frames)[-1] == eps.episode_end[0]
+    batch = eps.batch(frames[:8], np.random.default_rng(2), cfg)
+    assert batch["reached"].tolist() == [1.0] * 8 and batch["action_is_pad"].all()
 
 
 def test_training_resumes_exactly_and_exports(datasets, tmp_path):

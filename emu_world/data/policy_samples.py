@@ -40,6 +40,8 @@ class SampleConfig:
     roundtrip_prob: float = 0.0  # probability of the tokenizer round trip of the keyframe
     shift: int = 4  # pixels
     reached_margin: int = 3  # steps
+    past_prob: float = 0.0  # probability of a "reached a moment ago" sample (goal heads)
+    past_window: int = 20  # ... the goal is up to this many steps before the frame
 
 
 @dataclass
@@ -111,16 +113,26 @@ class PolicyEpisodes:
         return {"state_mean": self.states.mean(0), "state_std": self.states.std(0),
                 "action_mean": self.actions.mean(0), "action_std": self.actions.std(0)}
 
+    def episode_start(self, i: np.ndarray) -> np.ndarray:
+        """Global index of the first frame of each frame's episode."""
+        ends = np.unique(self.episode_end)  # (E,) sorted
+        starts = np.concatenate([[0], ends[:-1]])
+        return starts[np.searchsorted(ends, self.episode_end[i])]
+
     def keyframe_neighbourhood(self, jitter: int) -> np.ndarray:
         """Global indices a jittered keyframe can land on (for the round-trip cache)."""
         kf = np.unique(self.keyframe[self.keyframe >= 0])
         near = (kf[:, None] + np.arange(-jitter, jitter + 1)[None, :]).reshape(-1)
         return np.unique(near[(near >= 0) & (near < len(self))])
 
-    def goal_indices(self, i: np.ndarray, rng: np.random.Generator, cfg: SampleConfig) -> np.ndarray:
-        """The (jittered) keyframe index of each frame in ``i``: never before it, never past its episode."""
+    def goal_indices(self, i: np.ndarray, rng: np.random.Generator, cfg: SampleConfig) -> tuple[np.ndarray, np.ndarray]:
+        """The (jittered) keyframe index of each frame in ``i`` (never before it, never past its episode), and
+        which samples instead show a goal reached a moment ago (a frame up to ``past_window`` steps before)."""
         k = self.keyframe[i] + rng.integers(-cfg.keyframe_jitter, cfg.keyframe_jitter + 1, size=len(i))
-        return np.clip(k, i, self.episode_end[i] - 1)
+        k = np.clip(k, i, self.episode_end[i] - 1)
+        past = rng.random(len(i)) < cfg.past_prob
+        back = np.maximum(i - rng.integers(0, cfg.past_window + 1, size=len(i)), self.episode_start(i))
+        return np.where(past, back, k), past
 
     def goal_frames(self, k: np.ndarray, rng: np.random.Generator, cfg: SampleConfig) -> np.ndarray:
         goals = self.frames[k].copy()  # (B, H, W, 3)
@@ -142,9 +154,10 @@ class PolicyEpisodes:
                                "action": torch.from_numpy(self.actions[steps]),
                                "action_is_pad": torch.from_numpy(pad)}
         if cfg.goal:
-            k = self.goal_indices(i, rng, cfg) if augment else self.keyframe[i]
+            k, past = self.goal_indices(i, rng, cfg) if augment else (self.keyframe[i], np.zeros(len(i), bool))
             images.append(self.goal_frames(k, rng, cfg) if augment else self.frames[k])
             out["reached"] = torch.from_numpy(((k - i) <= cfg.reached_margin).astype(np.float32))
+            out["action_is_pad"] = torch.from_numpy(pad | past[:, None])  # a reached goal says nothing of the actions
         shifted = random_shift([torch.from_numpy(x) for x in images], cfg.shift if augment else 0, rng)
         out["observation.image"] = shifted[0]
         if cfg.goal:

@@ -61,12 +61,14 @@ class PolicyDataConfig:
     roundtrip_prob: float = 0.25  # probability that the keyframe is its tokenizer round trip (0: never)
     tokenizer: str = "checkpoints/tokenizer"  # the round trip's tokenizer (recorded in the manifest)
     shift: int = 4  # random shift of both images, pixels
+    past_prob: float = 0.2  # goal heads: samples whose goal was reached up to one chunk ago (reached head only)
     eval_batches: int = 4  # held-out batches of train.batch_size frames per evaluation
     export_dir: str | None = None  # null: <run_dir>/policy
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.roundtrip_prob <= 1.0:
-            raise ValueError(f"policy_data.roundtrip_prob must be in [0, 1], got {self.roundtrip_prob}")
+        if not 0.0 <= self.roundtrip_prob <= 1.0 or not 0.0 <= self.past_prob < 1.0:
+            raise ValueError(f"policy_data.roundtrip_prob must be in [0, 1] and policy_data.past_prob in [0, 1), got "
+                             f"{self.roundtrip_prob} and {self.past_prob}")
         if (self.keyframe_jitter is not None and self.keyframe_jitter < 0) or self.shift < 0:
             raise ValueError("policy_data.keyframe_jitter and policy_data.shift must be >= 0")
         if self.eval_batches < 1:
@@ -149,7 +151,8 @@ class PolicyStage(Stage):
         jitter = self.data_cfg.keyframe_jitter
         self.samples = SampleConfig(self.head.chunk_size, self.head.uses_goal,
                                     jitter if jitter is not None else round(0.1 * self.head.fps),
-                                    self.data_cfg.roundtrip_prob, self.data_cfg.shift, self.head.reached_margin)
+                                    self.data_cfg.roundtrip_prob, self.data_cfg.shift, self.head.reached_margin,
+                                    self.data_cfg.past_prob, self.head.n_action_steps)
         self.log(f"data {self.root}: {len(self.train_eps)} training frames ({n - held} episodes), "
                  f"{len(self.heldout)} held out ({held}), decoded in {time.perf_counter() - t0:.1f}s")
         if self.head.uses_goal and self.samples.roundtrip_prob > 0:
