@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import hydra
 import numpy as np
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm import tqdm
@@ -131,6 +132,7 @@ def planner_split(results: list[EpisodeResult]) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
+    torch.set_num_threads(int(cfg.threads))
     env_cfg = to_dataclass(EnvConfig, cfg.env)
     agent_cfg = to_dataclass(AgentConfig, cfg.agent)
     output_dir = Path(HydraConfig.get().runtime.output_dir)

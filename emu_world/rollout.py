@@ -34,6 +34,7 @@ from typing import Any
 
 import hydra
 import numpy as np
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -75,6 +76,7 @@ def side_by_side(camera: str):
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="rollout")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
+    torch.set_num_threads(int(cfg.threads))
     env_cfg = to_dataclass(EnvConfig, cfg.env)
     agent_cfg = to_dataclass(AgentConfig, cfg.agent)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
