@@ -158,9 +158,10 @@ def test_samples_pair_each_frame_with_its_keyframe_and_pad_the_chunk(datasets):
     eps = PolicyEpisodes.load(datasets[TASK], None, [0, 1])
     assert eps.annotated and eps.camera == "observation.images.front"
     assert len(eps) == int(eps.episode_end[-1]) and eps.episode_end[0] < len(eps)  # two episodes end to end
-    cfg = SampleConfig(chunk_size=3, goal=True, keyframe_jitter=0, shift=0, reached_margin=1)
+    cfg = SampleConfig(chunk_size=3, goal=True, keyframe_jitter=0, shift=0, reached_margin=1, pad="mask")
     last = int(eps.episode_end[0]) - 1
     i = np.array([0, last - 1, last])
+    assert not eps.batch(i, np.random.default_rng(0), SampleConfig(chunk_size=3))["action_is_pad"].any()  # repeat
     batch = eps.batch(i, np.random.default_rng(0), cfg)
     assert batch["observation.image"].shape == (3, 3, 32, 32)
     assert torch.equal(batch["observation.goal"][2], batch["observation.image"][2])  # the last frame is its own

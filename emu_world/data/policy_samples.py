@@ -11,7 +11,10 @@ the keyframe moves by a uniform ``[-keyframe_jitter, keyframe_jitter]`` frames (
 nor past the episode's end), is replaced with probability ``roundtrip_prob`` by its tokenizer round
 trip (decode(encode(frame)): what a keyframe imagined as codes looks like), and both images shift by
 the same random ``[-shift, shift]`` pixels (edge padding, then a crop). Chunks that run past the
-episode's end repeat its last action and are marked ``action_is_pad``. ``reached`` is 1 when the
+episode's end repeat its last action: the recorded episodes end at success (the env terminates), so
+holding the last command is what comes next; the aloha_fold expert opens its grippers only in the
+episode's last steps (the release that completes the fold), and with those steps masked (``pad:
+mask``, ACT's rule, which marks them ``action_is_pad``) a head never learnt to let go (0/6 folds). ``reached`` is 1 when the
 keyframe is at most ``reached_margin`` steps ahead of frame t.
 """
 
@@ -42,6 +45,11 @@ class SampleConfig:
     reached_margin: int = 3  # steps
     past_prob: float = 0.0  # probability of a "reached a moment ago" sample (goal heads)
     past_window: int = 20  # ... the goal is up to this many steps before the frame
+    pad: str = "repeat"  # chunk steps past the episode's end: repeat (the last action, trained) | mask (not trained)
+
+    def __post_init__(self) -> None:
+        if self.pad not in ("repeat", "mask"):
+            raise ValueError(f"policy_data.pad must be repeat or mask, got {self.pad!r}")
 
 
 @dataclass
@@ -152,12 +160,12 @@ class PolicyEpisodes:
         images = [self.frames[i]]
         out: dict[str, Any] = {"observation.state": torch.from_numpy(self.states[i]),
                                "action": torch.from_numpy(self.actions[steps]),
-                               "action_is_pad": torch.from_numpy(pad)}
+                               "action_is_pad": torch.from_numpy(pad if cfg.pad == "mask" else np.zeros_like(pad))}
         if cfg.goal:
             k, past = self.goal_indices(i, rng, cfg) if augment else (self.keyframe[i], np.zeros(len(i), bool))
             images.append(self.goal_frames(k, rng, cfg) if augment else self.frames[k])
             out["reached"] = torch.from_numpy(((k - i) <= cfg.reached_margin).astype(np.float32))
-            out["action_is_pad"] = torch.from_numpy(pad | past[:, None])  # a reached goal says nothing of the actions
+            out["action_is_pad"] = out["action_is_pad"] | torch.from_numpy(past[:, None])  # a reached goal: no actions
         shifted = random_shift([torch.from_numpy(x) for x in images], cfg.shift if augment else 0, rng)
         out["observation.image"] = shifted[0]
         if cfg.goal:

@@ -62,6 +62,7 @@ class PolicyDataConfig:
     tokenizer: str = "checkpoints/tokenizer"  # the round trip's tokenizer (recorded in the manifest)
     shift: int = 4  # random shift of both images, pixels
     past_prob: float = 0.2  # goal heads: samples whose goal was reached up to one chunk ago (reached head only)
+    pad: str = "repeat"  # chunk steps past an episode's end: repeat its last action (trained) | mask (ACT's rule)
     eval_batches: int = 4  # held-out batches of train.batch_size frames per evaluation
     export_dir: str | None = None  # null: <run_dir>/policy
 
@@ -152,7 +153,7 @@ class PolicyStage(Stage):
         self.samples = SampleConfig(self.head.chunk_size, self.head.uses_goal,
                                     jitter if jitter is not None else round(0.1 * self.head.fps),
                                     self.data_cfg.roundtrip_prob, self.data_cfg.shift, self.head.reached_margin,
-                                    self.data_cfg.past_prob, self.head.n_action_steps)
+                                    self.data_cfg.past_prob, self.head.n_action_steps, self.data_cfg.pad)
         self.log(f"data {self.root}: {len(self.train_eps)} training frames ({n - held} episodes), "
                  f"{len(self.heldout)} held out ({held}), decoded in {time.perf_counter() - t0:.1f}s")
         if self.head.uses_goal and self.samples.roundtrip_prob > 0:
