@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from emu_world.errors import UserError
 from emu_world.models.weights import autocast
@@ -200,7 +200,11 @@ class Stage:
     log: Callable[..., None] = print
 
     def prepare(self, info: DistInfo) -> None:
-        """Checks that need the ranks, and what :meth:`check_resume` compares (e.g. a tokenizer)."""
+        """Checks that need the ranks, and what :meth:`check_resume` compares (e.g. a tokenizer). By default:
+        the global batch splits evenly over the ranks."""
+        if self.loop.batch_size % info.world_size:
+            raise UserError(f"train.batch_size={self.loop.batch_size} must be divisible by the {info.world_size} "
+                            "torchrun ranks")
 
     def check_resume(self, meta: dict[str, Any], path: Path) -> None:
         """Refuse the checkpoint at ``path`` if this run cannot continue it (``meta``: its ``state.json``)."""
@@ -240,6 +244,13 @@ class Stage:
         """Write the stage's product (every rank calls it; collectives allowed; the main rank writes);
         returns the export folder and the metrics for the summary."""
         raise NotImplementedError
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config with interpolations resolved, as checkpoints and manifests record it."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    return resolved
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from emu_world.config import to_dataclass
 from emu_world.data.frames import FrameDataConfig, resolve_roots
@@ -46,8 +46,8 @@ from emu_world.data.robot_dataset import RobotDataset
 from emu_world.errors import UserError
 from emu_world.models.tokenizer import load_tokenizer
 from emu_world.provenance import code_version, command_line
-from emu_world.train.distributed import DistInfo, all_reduce_mean, average_gradients
-from emu_world.train.loop import LoopConfig, Stage, batch_indices
+from emu_world.train.distributed import all_reduce_mean, average_gradients
+from emu_world.train.loop import LoopConfig, Stage, batch_indices, resolved_config
 from policies.goal_head import GoalHeadConfig, GoalHeadPolicy
 
 HEAD_KEYS = ("goal", "camera", "channels", "strides", "keypoints", "hidden", "chunk_size")  # fixed by the weights
@@ -118,14 +118,7 @@ class PolicyStage(Stage):
                             "ranks (drop train.parallel=fsdp)")
         self.root = one_dataset(self.frames_cfg)
         self.seed = int(cfg.seed)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(resolved, dict)
-        self.resolved = resolved
-
-    def prepare(self, info: DistInfo) -> None:
-        if self.loop.batch_size % info.world_size:
-            raise UserError(f"train.batch_size={self.loop.batch_size} must be divisible by the {info.world_size} "
-                            "torchrun ranks")
+        self.resolved = resolved_config(cfg)
 
     def check_resume(self, meta: dict[str, Any], path: Path) -> None:
         saved = meta["config"].get("policy", {})

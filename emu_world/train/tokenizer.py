@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from emu_world.config import to_dataclass
 from emu_world.data.frames import FrameDataConfig, FrameSet, load_frame_sets
@@ -69,7 +69,7 @@ from emu_world.train.distributed import (
     average_gradients,
     broadcast_,
 )
-from emu_world.train.loop import LoopConfig, Stage, batch_indices
+from emu_world.train.loop import LoopConfig, Stage, batch_indices, resolved_config
 
 
 @dataclass
@@ -367,14 +367,7 @@ class TokenizerStage(Stage):
     def __init__(self, cfg: DictConfig):
         self.parts = parse_config(cfg)
         self.loop, self.seed = self.parts.loop, int(cfg.seed)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(resolved, dict)
-        self.resolved = resolved
-
-    def prepare(self, info: DistInfo) -> None:
-        if self.loop.batch_size % info.world_size:
-            raise UserError(f"train.batch_size={self.loop.batch_size} must be divisible by the {info.world_size} "
-                            "torchrun ranks")
+        self.resolved = resolved_config(cfg)
 
     def check_resume(self, meta: dict[str, Any], path: Path) -> None:
         """Refuse a checkpoint of another tokenizer architecture."""

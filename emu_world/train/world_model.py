@@ -92,7 +92,7 @@ from emu_world.train.distributed import (
     average_gradients,
     place_model,
 )
-from emu_world.train.loop import LoopConfig, Stage, config_diffs
+from emu_world.train.loop import LoopConfig, Stage, config_diffs, resolved_config
 
 LOGGED = ("loss", "ce/vision", "ce/text", "ce/action", "ce/structure")  # averaged over micro-batches and ranks
 BINNER_TOLERANCE = 0.1  # a re-recorded dataset may move its action range by this fraction of a bin (tokens keep their meaning)
@@ -406,10 +406,8 @@ class WorldModelStage(Stage):
         self.cfg, self.parts = cfg, parse_config(cfg, section)
         self.loop = self.parts.loop
         self.per_step = self.loop.batch_size // self.parts.data.rows  # mixture batches per optimisation step (G)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(resolved, dict)
-        resolved["data"]["datasets"] = [asdict(s) for s in self.parts.data.datasets]  # what dataset.root resolved to
-        self.resolved = resolved
+        self.resolved = resolved_config(cfg)
+        self.resolved["data"]["datasets"] = [asdict(s) for s in self.parts.data.datasets]  # what dataset.root named
 
     def prepare(self, info: DistInfo) -> None:
         if self.ignored:
