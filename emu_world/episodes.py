@@ -49,12 +49,14 @@ class StepCallback(Protocol):
 
 
 def run_episode(env, agent: Agent, seed: int, episode: int = 0, record_camera: str | None = None,
-                on_step: StepCallback | None = None) -> tuple[EpisodeResult, list[np.ndarray]]:
+                on_step: StepCallback | None = None, after_success: int = 0) -> tuple[EpisodeResult, list[np.ndarray]]:
     """One closed-loop episode until termination or truncation (the env's TimeLimit).
 
     ``on_step`` sees every transition (the observation the action was chosen from, the action
     as the actuators received it after the env's limits, the next observation, ...): the
-    dataset recorder hooks in here.
+    dataset recorder hooks in here. ``after_success``: the agent keeps acting this many steps after
+    the task is done (the env's success ends an episode otherwise; a demonstration shows what comes
+    after, e.g. letting go of the folded cloth and retreating), within the time limit.
     """
     from envs import AnnotationTracker
 
@@ -87,7 +89,8 @@ def run_episode(env, agent: Agent, seed: int, episode: int = 0, record_camera: s
         if not success and bool(info["is_success"]):
             success, success_step = True, steps
         progress = max(progress, int(info["subtask_progress"]))
-        if terminated or truncated:
+        done_for = steps - success_step if success else -1  # steps since success
+        if truncated or (terminated and not (success and done_for < after_success)):
             break
     result = EpisodeResult(
         episode=episode, seed=seed, success=success, steps=steps, max_subtask_progress=progress,

@@ -62,7 +62,8 @@ def record_stage(cfg: DictConfig, env_cfg: EnvConfig) -> StageReport:
             return StageReport("record", "skipped", 0.0, str(root))
     record(env_cfg, AgentConfig("scripted"), root, f"emu_world/{env_cfg.name}", want - have,
            int(cfg.record.seed) + have, keep_failures=bool(cfg.record.keep_failures),
-           mode="append" if have else "create", progress=bool(cfg.progress))
+           mode="append" if have else "create", progress=bool(cfg.progress),
+           after_success=round(float(cfg.record.after_success_seconds) * env_cfg.fps))
     return StageReport("record", "resumed" if have else "ran", time.perf_counter() - t0, str(root))
 
 

@@ -3,7 +3,9 @@
     python -m emu_world.record env=aloha_fold episodes=50 seed=0 dataset.root=datasets/aloha_fold
 
 Attempts seeds ``seed, seed+1, ...`` until ``episodes`` episodes are kept (failed expert
-episodes are discarded and listed, or kept and flagged with ``keep_failures=true``). Writes
+episodes are discarded and listed, or kept and flagged with ``keep_failures=true``). A successful
+episode goes on for ``after_success_seconds`` after the task is done (the expert lets go and retreats),
+so that policies learn what comes after: the env's success would end it at the first done frame. Writes
 through lerobot's API (see :mod:`emu_world.data.recorder`), with subtask annotations when the
 agent reports subtasks. Ends with one JSON line: episodes kept, failures, seconds per episode,
 size on disk.
@@ -34,7 +36,8 @@ def dir_size_mb(root: Path) -> float:
 
 def record(env_cfg: EnvConfig, agent_cfg: AgentConfig, root: Path, repo_id: str, episodes: int, seed: int,
            max_attempts: int | None = None, keep_failures: bool = False, mode: str = "create",
-           vcodec: str = "h264", crf: int = 0, pix_fmt: str = "yuv444p", progress: bool = True) -> dict:
+           vcodec: str = "h264", crf: int = 0, pix_fmt: str = "yuv444p", progress: bool = True,
+           after_success: int = 0) -> dict:
     if episodes <= 0:
         raise UserError(f"episodes must be positive, got {episodes}")
     max_attempts = max_attempts or 2 * episodes
@@ -65,7 +68,7 @@ def record(env_cfg: EnvConfig, agent_cfg: AgentConfig, root: Path, repo_id: str,
                     recorder.add_frame(obs, action, task=u.task, reward=reward, done=terminated or truncated,
                                        success=bool(info["is_success"]), subtask_index=subtask)
 
-                result, _ = run_episode(env, agent, ep_seed, attempt, on_step=on_step)
+                result, _ = run_episode(env, agent, ep_seed, attempt, on_step=on_step, after_success=after_success)
                 # open-ended tasks (no success condition) keep every episode
                 if result.success or keep_failures or not u.has_success:
                     recorder.save_episode(seed=ep_seed, success=result.success, steps=result.steps)
@@ -102,6 +105,7 @@ def main(cfg: DictConfig) -> None:
         to_dataclass(EnvConfig, cfg.env), to_dataclass(AgentConfig, cfg.agent), Path(cfg.dataset.root),
         cfg.dataset.repo_id, int(cfg.episodes), int(cfg.seed), cfg.max_attempts, bool(cfg.keep_failures),
         mode, cfg.dataset.vcodec, int(cfg.dataset.crf), cfg.dataset.pix_fmt, bool(cfg.progress),
+        after_success=round(float(cfg.after_success_seconds) * float(cfg.env.fps)),
     )
     print(json.dumps(summary), flush=True)
 

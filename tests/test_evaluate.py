@@ -47,3 +47,20 @@ def test_wilson_interval():
     with pytest.raises(ValueError):
         wilson_interval(3, 2)
     assert np.isclose(sum(wilson_interval(5, 10)), 1.0)
+
+
+def test_an_episode_can_go_on_after_success():
+    """Recording keeps the expert acting after the task is done (it lets go, retreats); evaluation stops."""
+    import envs
+    from emu_world.episodes import run_episode
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=["env=widowx_pick_place", "env.image_size=32"])
+    env = to_dataclass(EnvConfig, cfg.env).make()
+    try:
+        plain, _ = run_episode(env, envs.make_expert("widowx_pick_place", env), 4)
+        longer, _ = run_episode(env, envs.make_expert("widowx_pick_place", env), 4, after_success=3)
+    finally:
+        env.close()
+    assert plain.success and plain.steps == plain.success_step
+    assert longer.success_step == plain.success_step and longer.steps == plain.steps + 3
