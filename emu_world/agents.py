@@ -318,17 +318,18 @@ def expert_run(env, task: str, seed: int, camera: str) -> tuple[np.ndarray, np.n
 
 
 def subtask_keyframes(labels: np.ndarray) -> list[int]:
-    """The keyframe step of each subtask of an expert run: the first step of the next subtask, the last
-    step for the last subtask (as in the recorded datasets)."""
-    out = []
-    for k in range(int(labels.max()) + 1):
-        after = np.flatnonzero(labels > k)
-        out.append(int(after[0]) if len(after) else len(labels) - 1)
-    return out
+    """The keyframe step of each subtask of an expert run that ended at success: the first step of the next
+    subtask, the last step for the last subtask (the recorded datasets' rule,
+    :func:`~emu_world.data.robot_dataset.subtasks_from_indices`)."""
+    from emu_world.data.robot_dataset import subtasks_from_indices
+
+    names = [str(k) for k in range(int(labels.max()) + 1)]
+    return [s.keyframe for s in subtasks_from_indices(labels, names)]
 
 
 def expert_keyframes(env, task: str, seed: int, camera: str) -> tuple[list[np.ndarray], list[int]]:
-    """The keyframe of each of the expert's subtasks for ``seed`` and the steps each took."""
+    """The keyframe of each of the expert's subtasks for ``seed`` and the steps each took (the run ends at
+    success, so the last keyframe is the frame the task was done from)."""
     frames, labels = expert_run(env, task, seed, camera)
     keyframes = [frames[t] for t in subtask_keyframes(labels)]
     return keyframes, [int((labels == k).sum()) for k in range(len(keyframes))]

@@ -230,6 +230,9 @@ def test_subtasks_from_indices_keyframes():
     subs = subtasks_from_indices(np.array([0, 0, 1, 1, 1, 2]), ["a", "b", "c"])
     assert [(s.text, s.start_frame, s.end_frame, s.keyframe) for s in subs] == [
         ("a", 0, 1, 2), ("b", 2, 4, 5), ("c", 5, 5, 5)]
+    # a recording that went on after success: the last keyframe is the frame the task was done from
+    subs = subtasks_from_indices(np.array([0, 0, 1, 1, 1, 1, 1]), ["a", "b"], done_frame=3)
+    assert [(s.start_frame, s.end_frame, s.keyframe) for s in subs] == [(0, 1, 2), (2, 6, 3)]
 
 
 def test_recorder_refuses_nan_actions(tmp_path):

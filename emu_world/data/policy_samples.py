@@ -4,11 +4,12 @@ actions t .. t+chunk-1), from every frame of a task's recorded episodes.
     episodes = PolicyEpisodes.load("datasets/aloha_fold", camera="top", episodes=range(48))
     batch = episodes.batch(indices, rng, SampleConfig(chunk_size=20, keyframe_jitter=5))
 
-The keyframe of a subtask is the first frame of the next subtask, or the episode's last frame for the
-last subtask (:func:`~emu_world.data.robot_dataset.subtasks_from_indices`). Augmentations, so that a
+The keyframe of a subtask is the first frame of the next subtask, or for the last subtask the frame the
+task was done from (:func:`~emu_world.data.robot_dataset.subtasks_from_indices`); the frames recorded
+after success (letting go, retreating) pursue that keyframe, already reached. Augmentations, so that a
 head tolerates imperfect subgoals (an imagined keyframe is neither the exact frame nor the exact time):
-the keyframe moves by a uniform ``[-keyframe_jitter, keyframe_jitter]`` frames (never before frame t
-nor past the episode's end), is replaced with probability ``roundtrip_prob`` by its tokenizer round
+the keyframe moves by a uniform ``[-keyframe_jitter, keyframe_jitter]`` frames (never before frame t,
+unless it already was, nor past the episode's end), is replaced with probability ``roundtrip_prob`` by its tokenizer round
 trip (decode(encode(frame)): what a keyframe imagined as codes looks like), and both images shift by
 the same random ``[-shift, shift]`` pixels (edge padding, then a crop). Chunks that run past the
 episode's end repeat its last action: the recorded episodes end at success (the env terminates), so
@@ -134,10 +135,11 @@ class PolicyEpisodes:
         return np.unique(near[(near >= 0) & (near < len(self))])
 
     def goal_indices(self, i: np.ndarray, rng: np.random.Generator, cfg: SampleConfig) -> tuple[np.ndarray, np.ndarray]:
-        """The (jittered) keyframe index of each frame in ``i`` (never before it, never past its episode), and
-        which samples instead show a goal reached a moment ago (a frame up to ``past_window`` steps before)."""
+        """The (jittered) keyframe index of each frame in ``i`` (never before it unless its keyframe already is,
+        as after the task was done; never past its episode), and which samples instead show a goal reached a
+        moment ago (a frame up to ``past_window`` steps before)."""
         k = self.keyframe[i] + rng.integers(-cfg.keyframe_jitter, cfg.keyframe_jitter + 1, size=len(i))
-        k = np.clip(k, i, self.episode_end[i] - 1)
+        k = np.clip(k, np.minimum(i, self.keyframe[i]), self.episode_end[i] - 1)
         past = rng.random(len(i)) < cfg.past_prob
         back = np.maximum(i - rng.integers(0, cfg.past_window + 1, size=len(i)), self.episode_start(i))
         return np.where(past, back, k), past

@@ -40,6 +40,7 @@ STATE_KEY = "observation.state"
 ACTION_KEY = "action"
 SUBTASK_KEY = "subtask_index"
 SUBTASKS_PATH = "meta/subtasks.parquet"
+SUCCESS_KEY = "next.success"
 INFO_PATH = "meta/info.json"
 PROVENANCE_PATH = "meta/emu_world.json"  # how emu-world recorded it: env, seeds, successes
 CONVERTER = "python -m lerobot.datasets.v30.convert_dataset_v21_to_v30"
@@ -261,17 +262,32 @@ def load_subtask_vocab(root: Path) -> list[str] | None:
     return vocab
 
 
-def subtasks_from_indices(indices: np.ndarray, vocab: Sequence[str]) -> list[Subtask]:
-    """Contiguous runs of a per-frame subtask index -> :class:`Subtask` records with keyframes."""
+def subtasks_from_indices(indices: np.ndarray, vocab: Sequence[str], done_frame: int | None = None) -> list[Subtask]:
+    """Contiguous runs of a per-frame subtask index -> :class:`Subtask` records with keyframes.
+
+    A subtask's keyframe is the first frame of the next one. The last subtask's is the frame the task
+    was done from (``done_frame``: the first frame whose step succeeded) when the episode goes on after
+    success (the expert lets go and retreats), else the episode's last frame: either way the frame where
+    the task is done, as the world model and the oracle see it."""
     out: list[Subtask] = []
     n = len(indices)
+    last = n - 1 if done_frame is None else int(done_frame)
     start = 0
     for t in range(1, n + 1):
         if t == n or indices[t] != indices[start]:
             idx = int(indices[start])
-            out.append(Subtask(idx, vocab[idx], start, t - 1, keyframe=min(t, n - 1)))
+            out.append(Subtask(idx, vocab[idx], start, t - 1, keyframe=t if t < n else last))
             start = t
     return out
+
+
+def first_success(table: Any, n: int) -> int | None:
+    """The first frame whose step succeeded (``next.success``) when frames follow it (a recording that went on
+    after success), else None."""
+    if SUCCESS_KEY not in table.column_names:
+        return None
+    done = np.flatnonzero(np.asarray(table[SUCCESS_KEY], dtype=bool).reshape(-1))
+    return int(done[0]) if len(done) and done[0] < n - 1 else None
 
 
 class RobotDataset:
@@ -369,7 +385,7 @@ class RobotDataset:
         subtasks: list[Subtask] = []
         if self.subtask_vocab is not None:
             sub_idx = np.asarray(table[SUBTASK_KEY], dtype=np.int64).reshape(-1)
-            subtasks = subtasks_from_indices(sub_idx, self.subtask_vocab)
+            subtasks = subtasks_from_indices(sub_idx, self.subtask_vocab, first_success(table, n))
         task_index = int(np.asarray(table["task_index"])[0])
         task = str(ds.meta.tasks.index[task_index])
         frames: dict[str, np.ndarray] = {}
