@@ -46,6 +46,8 @@ def load_policy(agent_cfg: AgentConfig, env_cfg: EnvConfig, want_goal: bool) -> 
             f"`python -m emu_world.record env={env_cfg.name} episodes=100 seed=0 dataset.root=datasets/{env_cfg.name}`, "
             f"then `python -m emu_world.train stage=policy dataset.root=datasets/{env_cfg.name}{goal} "
             f"policy_data.export_dir={agent_cfg.checkpoint}` (or pass agent.checkpoint=<folder>)") from None
+    except ValueError as e:  # a folder of another kind
+        raise UserError(f"agent={agent_cfg.name}: agent.checkpoint={agent_cfg.checkpoint}: {e}") from None
     head = meta["config"]
     if (head["goal"] != "none") != want_goal:
         kind, fix = ("a goal head", "policy.goal=keyframe") if want_goal else ("a goal-free head", "policy.goal=none")
@@ -63,8 +65,10 @@ def load_policy(agent_cfg: AgentConfig, env_cfg: EnvConfig, want_goal: bool) -> 
     overrides = {k: getattr(agent_cfg, k) for k in ("n_action_steps", "temporal_ensemble_coeff")
                  if getattr(agent_cfg, k) is not None}
     if overrides:
-        policy.config = replace(policy.config, **overrides)
-        policy.config.__post_init__()
+        try:
+            policy.config = replace(policy.config, **overrides)
+        except ValueError as e:
+            raise UserError(f"agent={agent_cfg.name}: {e}") from None
         policy.reset()
     return policy
 
@@ -270,7 +274,7 @@ class WorldModelAgent(SubgoalAgent):
         self._plan(obs, reached=True)
 
     def report(self) -> dict[str, Any]:
-        return {"advances": list(self.advances), "plans": self.planner.summary(),
+        return {"advances": list(self.advances), "plans": self.planner.summary(), "planner": self.planner.describe(),
                 "planner_seconds": round(self.planner_seconds, 4), "replans": len(self.planner.history)}
 
     def images(self) -> list[tuple[str, np.ndarray]]:
@@ -351,14 +355,9 @@ def make_agent(agent_cfg: AgentConfig, env_cfg: EnvConfig, env) -> Agent:
 
         from emu_world.config import to_dataclass
         from emu_world.planner import Planner, PlannerConfig
-        from emu_world.rollouts import task_checkpoint
 
         policy = load_policy(agent_cfg, env_cfg, want_goal=True)
-        settings = dict(agent_cfg.planner)
-        if settings.get("checkpoint", "auto") == "auto":
-            settings["checkpoint"] = task_checkpoint(env_cfg.name, str(settings.get("decoding", "dida")))
-        agent_cfg.planner = settings
-        planner = Planner(to_dataclass(PlannerConfig, OmegaConf.create(settings)), env_cfg.name)
+        planner = Planner(to_dataclass(PlannerConfig, OmegaConf.create(dict(agent_cfg.planner))), env_cfg.name)
         return WorldModelAgent(policy, planner, subtask_steps(resolve_path(str(agent_cfg.checkpoint))),
                                agent_cfg.replan, agent_cfg.reached_threshold, agent_cfg.subtask_budget)
     if agent_cfg.name == "act":

@@ -98,6 +98,10 @@ class AgentConfig:
             raise ValueError(f"agent={self.name} needs agent.checkpoint=<folder>")
         if not 0.0 < self.reached_threshold < 1.0 or self.subtask_budget <= 0:
             raise ValueError("agent.reached_threshold must be in (0, 1) and agent.subtask_budget > 0")
+        if self.n_action_steps is not None and self.n_action_steps < 1:
+            raise ValueError(f"agent.n_action_steps must be >= 1 or null, got {self.n_action_steps}")
+        if self.temporal_ensemble_coeff is not None and self.temporal_ensemble_coeff < 0:
+            raise ValueError(f"agent.temporal_ensemble_coeff must be >= 0 or null, got {self.temporal_ensemble_coeff}")
 
 
 # Agents the evaluation harness can build (emu_world/agents.py).

@@ -32,7 +32,7 @@ class EpisodeResult:
     steps: int
     max_subtask_progress: int
     num_subtasks: int
-    seconds: float  # the step loop (agent + env + hooks), reset excluded
+    seconds: float  # the step loop (agent + env), reset and on_step hooks (recording, video) excluded
     env_seconds: float  # inside env.step
     agent_seconds: float = 0.0  # inside agent.act
     reset_seconds: float = 0.0  # env.reset + agent.reset (an oracle's twin episode, a planner's setup)
@@ -67,7 +67,7 @@ def run_episode(env, agent: Agent, seed: int, episode: int = 0, record_camera: s
     tracker = AnnotationTracker(env.unwrapped.subtasks) if hasattr(agent, "subtask_index") else None
     frames = [obs["pixels"][record_camera]] if record_camera else []
     success, progress, steps, env_seconds = bool(info["is_success"]), int(info["subtask_progress"]), 0, 0.0
-    collided, agent_seconds, success_step = 0, 0.0, (0 if success else None)
+    collided, agent_seconds, hook_seconds, success_step = 0, 0.0, 0.0, (0 if success else None)
     while True:
         t0 = time.perf_counter()
         action = agent.act(obs, info)
@@ -80,8 +80,10 @@ def run_episode(env, agent: Agent, seed: int, episode: int = 0, record_camera: s
         if tracker is not None:
             tracker.record(subtask)
         if on_step is not None:
+            t2 = time.perf_counter()
             on_step(obs, env.unwrapped.last_action, next_obs, float(reward), bool(terminated),
                     bool(truncated), info, subtask)
+            hook_seconds += time.perf_counter() - t2
         obs = next_obs
         if record_camera:
             frames.append(obs["pixels"][record_camera])
@@ -94,7 +96,7 @@ def run_episode(env, agent: Agent, seed: int, episode: int = 0, record_camera: s
             break
     result = EpisodeResult(
         episode=episode, seed=seed, success=success, steps=steps, max_subtask_progress=progress,
-        num_subtasks=int(info["num_subtasks"]), seconds=time.perf_counter() - start,
+        num_subtasks=int(info["num_subtasks"]), seconds=time.perf_counter() - start - hook_seconds,
         env_seconds=env_seconds, agent_seconds=agent_seconds, reset_seconds=start - t_reset,
         success_step=success_step, collided_steps=collided,
         annotations=[a.to_dict() for a in tracker.annotations()] if tracker else [],

@@ -25,12 +25,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import hydra
+import torch
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, resolve_path, to_dataclass
+from emu_world.config import (
+    CONFIG_DIR,
+    AgentConfig,
+    EnvConfig,
+    resolve_path,
+    to_dataclass,
+)
 from emu_world.errors import UserError, reports_user_errors
+from emu_world.models.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -55,13 +63,16 @@ def record_stage(cfg: DictConfig, env_cfg: EnvConfig) -> StageReport:
 
     root, want = Path(str(cfg.record.root)), int(cfg.record.episodes)
     t0 = time.perf_counter()
-    have = 0
+    have, next_seed = 0, int(cfg.record.seed)
     if root.exists() and any(root.iterdir()):
-        have = RobotDataset(root, check_videos=False).num_episodes  # a folder that is not a dataset: its error
+        ds = RobotDataset(root, check_videos=False)  # a folder that is not a dataset: its error
+        have = ds.num_episodes
         if have >= want:
             return StageReport("record", "skipped", 0.0, str(root))
+        seeds = [e.get("seed") for e in ds.provenance.get("episodes", []) if e.get("seed") is not None]
+        next_seed = max(seeds) + 1 if seeds else next_seed + have  # failed seeds were skipped: never repeat one
     record(env_cfg, AgentConfig("scripted"), root, f"emu_world/{env_cfg.name}", want - have,
-           int(cfg.record.seed) + have, keep_failures=bool(cfg.record.keep_failures),
+           next_seed, keep_failures=bool(cfg.record.keep_failures),
            mode="append" if have else "create", progress=bool(cfg.progress),
            after_success=round(float(cfg.record.after_success_seconds) * env_cfg.fps))
     return StageReport("record", "resumed" if have else "ran", time.perf_counter() - t0, str(root))
@@ -70,7 +81,8 @@ def record_stage(cfg: DictConfig, env_cfg: EnvConfig) -> StageReport:
 def train_stage(name: str, stage: str, out: Path, export: Path, done: Callable[[Path], bool],
                 overrides: list[str]) -> StageReport:
     """``python -m emu_world.train stage=<stage> ...`` in this process, skipped when ``export`` is done,
-    resumed when its run directory holds a checkpoint."""
+    resumed when its run directory holds a checkpoint; its manifest records that command."""
+    from emu_world.provenance import recorded_command
     from emu_world.train import run_stage
     from emu_world.train.checkpoint import find_checkpoint
 
@@ -79,9 +91,9 @@ def train_stage(name: str, stage: str, out: Path, export: Path, done: Callable[[
     run_dir = out / "runs" / name
     resuming = find_checkpoint(run_dir) is not None
     t0 = time.perf_counter()
-    cfg = compose(config_name="train", overrides=[f"stage={stage}", f"run_dir={run_dir}",
-                                                  *(["resume=true"] if resuming else []), *overrides])
-    result = run_stage(cfg)
+    args = [f"stage={stage}", f"run_dir={run_dir}", *(["resume=true"] if resuming else []), *overrides]
+    with recorded_command(args):
+        result = run_stage(compose(config_name="train", overrides=args))
     if result.export_dir is None or not done(export):
         raise RuntimeError(f"pipeline stage {name} ended without its export at {export}")
     return StageReport(name, "resumed" if resuming else "ran", time.perf_counter() - t0, str(export))
@@ -95,7 +107,18 @@ def stages(cfg: DictConfig, env_cfg: EnvConfig, out: Path) -> list[StageReport]:
         reports.append(train_stage("tokenizer", "tokenizer", out, tokenizer,
                                    lambda p: has_files(p, "manifest.json", "model.safetensors"),
                                    [data, f"export.dir={tokenizer}", *cfg.tokenizer.train]))
-    export_done = lambda p: has_files(p, "manifest.json", "model.safetensors")  # noqa: E731
+    tok_identity = load_tokenizer(tokenizer).code_identity()  # trained above, or the given one
+
+    def export_done(path: Path) -> bool:
+        """An export that exists is done if it read the pipeline's tokenizer's codes; else refused."""
+        if not has_files(path, "manifest.json", "model.safetensors"):
+            return False
+        recorded = json.loads((path / "manifest.json").read_text())["tokenizer"]
+        if recorded.get("code_identity") not in (None, tok_identity):
+            raise UserError(f"{path} was trained on the codes of another tokenizer ({recorded.get('path')}) than "
+                            f"this pipeline's ({tokenizer}): give another out=<folder> or delete {out}")
+        return True
+
     ar, adapted = out / "world_model", out / "world_model_dida"
     reports.append(train_stage("world_model", "world_model", out, ar, export_done,
                                [data, f"world_model.tokenizer={tokenizer}", f"world_model.export_dir={ar}",
@@ -118,6 +141,7 @@ def evaluate_stage(cfg: DictConfig, env_cfg: EnvConfig, out: Path) -> tuple[Stag
                         planner={"checkpoint": str(out / "world_model_dida"), "tokenizer": str(tokenizer),
                                  "decoding": "dida"})
     t0 = time.perf_counter()
+    torch.set_num_threads(1)  # as python -m emu_world.evaluate: the simulator takes the other core
     summary = evaluate(env_cfg, agent, int(cfg.evaluate.episodes), int(cfg.evaluate.seed), out / "evaluate",
                        video=bool(cfg.evaluate.video), progress=bool(cfg.progress))
     return StageReport("evaluate", "ran", time.perf_counter() - t0, str(out / "evaluate")), summary

@@ -30,11 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from emu_world.config import resolve_path
 from emu_world.errors import UserError
 from emu_world.models.generate import GenerationConfig, Generator, Sampling
-from emu_world.models.tokenizer import load_tokenizer
-from emu_world.rollouts import load_export
+from emu_world.rollouts import load_for_task
 
 DECODINGS = ("dida", "ar")
 TEXTS = ("generate", "known")
@@ -44,8 +42,8 @@ TEXTS = ("generate", "known")
 class PlannerConfig:
     """``planner:`` section (``configs/agent/world_model.yaml``)."""
 
-    checkpoint: str = "checkpoints/world_model"  # the world-model export that imagines the keyframes
-    tokenizer: str = "checkpoints/tokenizer"  # its tokenizer (code identity checked)
+    checkpoint: str = "auto"  # the world-model export that imagines keyframes (auto: rollouts.task_checkpoint)
+    tokenizer: str | None = None  # its tokenizer (null: the one the export records; code identity checked)
     decoding: str = "dida"  # dida | ar: how the keyframe is decoded
     steps: int | None = None  # DiDA refinement passes (null: the export's)
     text: str = "generate"  # generate: the model names the subtask (evidence for the index) | known: skip it
@@ -101,20 +99,15 @@ class Planner:
         import envs
 
         self.config = config
-        self.tokenizer = load_tokenizer(resolve_path(config.tokenizer))
-        self.ex = load_export(config.checkpoint, self.tokenizer)
-        if task not in self.ex.tasks:
-            raise UserError(f"the world model {self.ex.path} was not trained on {task} (its tasks: "
-                            f"{sorted(self.ex.tasks)}); give planner.checkpoint=<an export trained on {task}>")
+        self.tokenizer, self.ex, spec = load_for_task(config.checkpoint, config.tokenizer, task, config.decoding)
         if config.decoding == "dida" and not self.ex.export.dida_adapted:
             raise UserError(f"planner.decoding=dida needs a DiDA-adapted export; {self.ex.path} was not adapted: run "
                             f"`python -m emu_world.train stage=dida init={self.ex.path} dataset.root=datasets/{task}` "
                             "or set planner.decoding=ar")
         env_cls = envs.task_spec(task).env_cls()
         self.subtasks: tuple[str, ...] = tuple(env_cls.subtasks)
-        self.prompt = f"{self.ex.tasks[task].tag}: {env_cls.task}"
-        decoding = self.ex.export.decoding(config.decoding, Sampling(0.0), steps=config.steps)
-        self.predict = self.ex.export.frame_predictor(self.ex.model, self.ex.layout, decoding, self.tokenizer)
+        self.prompt = self.ex.layout.task_prompt(spec.tag, env_cls.task)
+        self.predict = self.ex.predictor(spec, config.decoding, self.tokenizer, config.steps, Sampling(0.0))
         self.text_generator = Generator(self.ex.model, self.ex.layout, GenerationConfig(text=Sampling(0.0)))
         self.state = PlannerState()
 
@@ -179,3 +172,8 @@ class Planner:
         """The plans of the episode so far, without images (for the JSON records)."""
         return [{"subtask": p.subtask_index, "text": p.text, "said": p.said, "reason": p.reason,
                  "seconds": round(p.seconds, 4)} for p in self.state.history]
+
+    def describe(self) -> dict[str, Any]:
+        """Which world model and decoding planned (for the records)."""
+        return {"checkpoint": str(self.ex.path), "decoding": self.config.decoding, "steps": self.config.steps,
+                "text": self.config.text}

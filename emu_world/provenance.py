@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 from emu_world.config import REPO_ROOT
 
@@ -21,8 +23,22 @@ def code_version() -> str:
         return "unknown"
 
 
+_ARGS: list[Sequence[str]] = []  # the arguments of a command run inside another (the pipeline's stages)
+
+
+@contextmanager
+def recorded_command(args: Sequence[str]) -> Iterator[None]:
+    """Inside, :func:`command_line` records ``args`` as the command's arguments: a stage the pipeline runs
+    in its own process is recorded as ``python -m emu_world.train <args>``, which reproduces it."""
+    _ARGS.append(list(args))
+    try:
+        yield
+    finally:
+        _ARGS.pop()
+
+
 def command_line(module: str) -> str:
     """The command that runs now, as ``python -m <module> ...`` (or ``torchrun ...`` under torchrun)."""
     launcher = "torchrun --nproc_per_node=" + os.environ["WORLD_SIZE"] + " -m " if "WORLD_SIZE" in os.environ \
         else "python -m "
-    return launcher + " ".join([module, *sys.argv[1:]])
+    return launcher + " ".join([module, *(_ARGS[-1] if _ARGS else sys.argv[1:])])

@@ -90,11 +90,11 @@ def main(cfg: DictConfig) -> None:
     summary = evaluate(env_cfg, agent_cfg, int(cfg.episodes), int(cfg.seed), output_dir, video=bool(cfg.video),
                        video_episodes=int(cfg.episodes), progress=bool(cfg.progress),
                        view=side_by_side(env_cfg.cameras[0]))
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     rate = summary["success_rate"]
     videos = f"videos in {output_dir / 'videos'}, " if cfg.video else ""
-    print(f"{env_cfg.name} / {agent_cfg.name}: success {rate:.0%} over {summary['episodes']} episodes "
-          f"(95% interval {summary['success_ci95']}); {videos}records in {output_dir}", flush=True)
+    success = f"success {rate:.0%} (95% interval {summary['success_ci95']})" if rate is not None else "no success measure"
+    print(f"{env_cfg.name} / {agent_cfg.name}: {success} over {summary['episodes']} episodes; {videos}records in "
+          f"{output_dir}", flush=True)
     print(json.dumps(summary, default=str), flush=True)
 
 

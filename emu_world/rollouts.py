@@ -208,7 +208,7 @@ def interval_conditions(layout: SequenceLayout, spec: TaskSpec, ep: Episode) -> 
 def build_sample(layout: SequenceLayout, spec: TaskSpec, text: str, codes: np.ndarray, conds: list[Any],
                  end: bool) -> Sample:
     """A dynamics (or exploration) sample of ``codes`` (n, h, w) and the conditions after them."""
-    prompt = f"{spec.tag}: {text}"
+    prompt = layout.task_prompt(spec.tag, text)
     if spec.commands is not None:
         return layout.exploration(prompt, codes, conds, end=end)
     bins = np.concatenate(conds) if conds else np.zeros((0, spec.binner.action_dim), dtype=np.int64)

@@ -85,6 +85,15 @@ def test_damaged_datasets_end_cleanly(recorded, tmp_path):
     assert_clean_error(cli("emu_world.data.tokenize", str(no_videos)), "video")
 
 
+def test_bad_agent_and_loop_settings_end_cleanly(tmp_path):
+    evaluate = ("emu_world.evaluate", "env=widowx_pick_place", "episodes=1")
+    assert_clean_error(cli(*evaluate, "agent=bc", "agent.checkpoint=checkpoints/tokenizer"), "agent.checkpoint")
+    assert_clean_error(cli(*evaluate, "agent=bc", f"agent.checkpoint={tmp_path}"), "Train it")
+    assert_clean_error(cli(*evaluate, "agent=bc", "agent.checkpoint=x", "agent.n_action_steps=0"), "n_action_steps")
+    assert_clean_error(cli("emu_world.train", "stage=tokenizer", "train.save_every=0", f"run_dir={tmp_path / 'r'}"),
+                       "save_every")
+
+
 def test_bench_help_lists_the_benchmarks_and_a_headless_glfw_names_the_fix():
     proc = cli("emu_world.bench", "--help")
     assert proc.returncode == 0 and all(name in proc.stdout for name in ("tokenizer", "world_model", "dida"))

@@ -236,3 +236,58 @@ def test_oracle_keyframes_are_the_experts_subtask_ends(tmp_path):
     agent = OracleSubgoalAgent(policy, env_cfg, subtask_budget=1.0)
     agent.expert_steps = steps
     assert agent.budget(0) == steps[0] + 1
+
+
+def test_an_agent_carries_nothing_from_one_episode_to_the_next(datasets, tmp_path):
+    """Episode 2 of a two-episode evaluation is the same as that seed evaluated alone."""
+    goal = run_stage(train_cfg(datasets[TASK], tmp_path / "goal")).export_dir
+    env_cfg = env_config(TASK, "env.max_episode_steps=6")
+    agent = AgentConfig("oracle_subgoal", checkpoint=str(goal))
+    evaluate(env_cfg, agent, episodes=2, seed=7, output_dir=tmp_path / "two", progress=False)
+    evaluate(env_cfg, agent, episodes=1, seed=8, output_dir=tmp_path / "one", progress=False)
+    second = json.loads((tmp_path / "two" / "episodes.jsonl").read_text().splitlines()[1])
+    alone = json.loads((tmp_path / "one" / "episodes.jsonl").read_text())
+    keys = ("seed", "success", "steps", "max_subtask_progress", "annotations")
+    assert {k: second[k] for k in keys} == {k: alone[k] for k in keys}
+    assert second["agent"]["advances"] == alone["agent"]["advances"]
+
+
+def tiny_act(path: Path, chunk: int = 4) -> Path:
+    """A tiny untrained LeRobot ACT for the widowx task, saved as lerobot-train saves one."""
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.act.configuration_act import ACTConfig
+    from lerobot.policies.act.modeling_act import ACTPolicy
+    from lerobot.policies.factory import make_pre_post_processors
+
+    cfg = ACTConfig(input_features={"observation.images.front": PolicyFeature(FeatureType.VISUAL, (3, 32, 32)),
+                                    "observation.state": PolicyFeature(FeatureType.STATE, (7,))},
+                    output_features={"action": PolicyFeature(FeatureType.ACTION, (7,))}, chunk_size=chunk,
+                    n_action_steps=chunk, dim_model=32, n_heads=2, dim_feedforward=64, n_encoder_layers=1,
+                    n_decoder_layers=1, latent_dim=8, n_vae_encoder_layers=1, pretrained_backbone_weights=None,
+                    device="cpu")
+    torch.manual_seed(0)
+    stats = {"observation.images.front": {"mean": torch.zeros(3, 1, 1), "std": torch.ones(3, 1, 1)},
+             "observation.state": {"mean": torch.zeros(7), "std": torch.ones(7)},
+             "action": {"mean": torch.zeros(7), "std": torch.ones(7)}}
+    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
+    for part in (ACTPolicy(cfg), pre, post):
+        part.save_pretrained(path)
+    return path
+
+
+def test_lerobots_act_runs_as_an_agent_with_its_own_processors(tmp_path):
+    from policies.act import LeRobotACTAgent
+
+    path = tiny_act(tmp_path / "pretrained_model")
+    env_cfg = env_config(TASK, "env.max_episode_steps=5")
+    for overrides in ({}, {"n_action_steps": 2}, {"temporal_ensemble_coeff": 0.01}):
+        agent_cfg = AgentConfig("act", checkpoint=str(path), **overrides)
+        summary = evaluate(env_cfg, agent_cfg, episodes=1, seed=1, output_dir=tmp_path / str(len(overrides)),
+                           progress=False)
+        assert summary["episodes"] == 1 and summary["agent_seconds_per_step"] > 0
+    agent = LeRobotACTAgent.load(path, env_cfg, temporal_ensemble_coeff=0.01)
+    assert agent.policy.config.n_action_steps == 1 and agent.policy.temporal_ensembler is not None
+    with pytest.raises(UserError, match="1..4"):
+        LeRobotACTAgent.load(path, env_cfg, n_action_steps=9)
+    with pytest.raises(UserError, match="14"):
+        LeRobotACTAgent.load(path, env_config("aloha_transfer_cube"))

@@ -201,8 +201,8 @@ class EpisodeTokens:
 
     @property
     def prompt(self) -> str:
-        """The task text the model sees: ``"<tag>: <task>"``."""
-        return f"{self.embodiment}: {self.task}"
+        """The task text the model sees: ``"<tag>: <task>"`` (:meth:`SequenceLayout.task_prompt`)."""
+        return SequenceLayout.task_prompt(self.embodiment, self.task)
 
     def codes(self, camera: str, frames: np.ndarray | None = None) -> np.ndarray:
         """(n, h, w) int64 codes of ``frames`` (all T frames when None) for one camera."""

@@ -594,6 +594,11 @@ class SequenceLayout:
             return f"action bin {token - self.action.start}"
         return f"unused id {token} (vocabulary padding)"
 
+    @staticmethod
+    def task_prompt(tag: str, text: str) -> str:
+        """The prompt text of a sample: the embodiment tag, then the task (or scene) text."""
+        return f"{tag}: {text}"
+
     def encode_text(self, text: str) -> np.ndarray:
         """(n,) int64 text ids of one segment; checks it is non-empty and not too long."""
         ids = self._text_cache.get(text)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from emu_world.errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -43,10 +45,10 @@ def init_distributed(threads: int = 2, device: str = "cpu") -> DistInfo:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but this torch sees no GPU (torch.cuda.is_available() is False); "
+            raise UserError("train.device=cuda but this torch sees no GPU (torch.cuda.is_available() is False); "
                                "use train.device=cpu")
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"torchrun rank {rank} wants GPU {local_rank} but {torch.cuda.device_count()} are "
+            raise UserError(f"torchrun rank {rank} wants GPU {local_rank} but {torch.cuda.device_count()} are "
                                "visible; lower --nproc_per_node")
         torch.cuda.set_device(local_rank)
         where = torch.device("cuda", local_rank)

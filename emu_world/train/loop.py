@@ -48,8 +48,9 @@ from emu_world.train.distributed import DistInfo, init_distributed, teardown_dis
 
 # settings that may change between a checkpoint and its resumed run without a warning
 RESUME_IGNORED = {"resume", "overwrite", "train.stop_after", "train.log_every", "train.eval_every",
-                  "train.save_every", "export.dir", "world_model.export_dir", "dida.export_dir", "policy.export_dir",
-                  "world_model.export_dtype", "dida.export_dtype"}
+                  "train.save_every", "export.dir", "world_model.export_dir", "dida.export_dir", "policy_data.export_dir",
+                  "world_model.export_dtype", "dida.export_dtype", "world_model.eval_batches", "dida.eval_batches",
+                  "policy_data.eval_batches"}
 
 
 @dataclass
@@ -84,6 +85,9 @@ class LoopConfig:
             raise UserError(f"train.steps and train.batch_size must be positive, got {self.steps}, {self.batch_size}")
         if self.threads < 1:
             raise UserError(f"train.threads must be >= 1, got {self.threads}")
+        if self.log_every < 1 or self.save_every < 1 or self.eval_every < 0:
+            raise UserError(f"train.log_every and train.save_every must be >= 1 and train.eval_every >= 0 (0: only at "
+                            f"the end), got {self.log_every}, {self.save_every} and {self.eval_every}")
 
     def autocast(self) -> torch.autocast:
         """The training forward passes' context (:func:`autocast` in ``precision`` on ``device``)."""
@@ -217,7 +221,8 @@ class Stage:
         """Stage state beyond weights and optimizers (``loaded.state``, ``loaded.extra_tensors``)."""
 
     def begin(self) -> dict[str, Any] | None:
-        """A fresh run's evaluation before the first step (logged at step 0), or None."""
+        """A fresh run's evaluation before the first step (logged at step 0), or None; on the ranks that
+        evaluate (see :meth:`evaluate`)."""
         return None
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -229,7 +234,8 @@ class Stage:
         return {}
 
     def evaluate(self) -> dict[str, Any] | None:
-        """Held-out metrics (None: nothing held out)."""
+        """Held-out metrics (None: nothing held out). Runs on the main rank only, except under FSDP
+        (``sharded`` set) where every rank runs it: no collective here unless the stage is sharded."""
         return None
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -304,7 +310,7 @@ def _train(stage: Stage, run_dir: Path, resume: bool, overwrite: bool) -> TrainR
                         extra_tensors=stage.checkpoint_tensors(), sharded=stage.sharded, write=info.is_main)
 
     history: list[dict[str, Any]] = []
-    start_step, t_last = step, time.perf_counter()
+    start_step, t_last, last_logged = step, time.perf_counter(), step
     while step < loop.steps:
         t0 = time.perf_counter()
         lr = cosine_lr(step, loop.steps, loop.lr, loop.warmup_steps, loop.min_lr_ratio)
@@ -316,9 +322,9 @@ def _train(stage: Stage, run_dir: Path, resume: bool, overwrite: bool) -> TrainR
         history.append(record)
         if step % loop.log_every == 0 or step == loop.steps:
             record.update(stage.log_extras())
-            record["sec_per_step"] = (time.perf_counter() - t_last) / loop.log_every
+            record["sec_per_step"] = (time.perf_counter() - t_last) / (step - last_logged)
             record["train_seconds"] = train_seconds
-            t_last = time.perf_counter()
+            t_last, last_logged = time.perf_counter(), step
             logger.log({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
         if loop.eval_every > 0 and step % loop.eval_every == 0 and step < loop.steps and evaluating:
             if (metrics := stage.evaluate()) is not None:

@@ -12,7 +12,7 @@ them). Augmentations (``policy_data:``): keyframe jitter in time, the tokenizer 
 keyframe (``policy_data.tokenizer``: decode(encode(frame)), what an imagined keyframe looks like; the
 round trips of the frames near keyframes are computed once at start), and a random shift of both
 images. The batch of step ``s`` and its augmentations are a pure function of (seed, s), so resuming
-restores them.
+restores them (their random draws are seeded by (seed, step, rank)).
 
 Loop: the shared loop (:mod:`emu_world.train.loop`); the step is AdamW on the head's loss (L1 on the
 normalised chunk + the reached head's BCE), gradients averaged over torchrun ranks. Evaluation: the
@@ -113,9 +113,9 @@ class PolicyStage(Stage):
         self.data_cfg = to_dataclass(PolicyDataConfig, cfg.policy_data)
         self.frames_cfg = to_dataclass(FrameDataConfig, cfg.dataset)
         self.loop = to_dataclass(LoopConfig, cfg.train)
-        if self.loop.parallel != "ddp":
-            raise UserError("train.parallel=fsdp shards large models; a policy head is replicated over torchrun "
-                            "ranks (drop train.parallel=fsdp)")
+        if (self.loop.device, self.loop.parallel) != ("cpu", "ddp"):
+            raise UserError(f"train.device={self.loop.device} train.parallel={self.loop.parallel}: a policy head "
+                            "trains on CPU, replicated over torchrun ranks (drop those overrides)")
         self.root = one_dataset(self.frames_cfg)
         self.seed = int(cfg.seed)
         self.resolved = resolved_config(cfg)
@@ -143,10 +143,12 @@ class PolicyStage(Stage):
                                        self.train_eps.frames.shape[1], self.train_eps.actions.shape[1],
                                        self.train_eps.states.shape[1], float(ds.fps))
         jitter = self.data_cfg.keyframe_jitter
-        self.samples = SampleConfig(self.head.chunk_size, self.head.uses_goal,
-                                    jitter if jitter is not None else round(0.1 * self.head.fps),
-                                    self.data_cfg.roundtrip_prob, self.data_cfg.shift, self.head.reached_margin,
-                                    self.data_cfg.past_prob, self.head.n_action_steps, self.data_cfg.pad)
+        self.samples = SampleConfig(
+            chunk_size=self.head.chunk_size, goal=self.head.uses_goal,
+            keyframe_jitter=jitter if jitter is not None else round(0.1 * self.head.fps),
+            roundtrip_prob=self.data_cfg.roundtrip_prob, shift=self.data_cfg.shift,
+            reached_margin=self.head.reached_margin, past_prob=self.data_cfg.past_prob,
+            past_window=self.head.n_action_steps, pad=self.data_cfg.pad)  # a goal reached up to one executed chunk ago
         self.log(f"data {self.root}: {len(self.train_eps)} training frames ({n - held} episodes), "
                  f"{len(self.heldout)} held out ({held}), decoded in {time.perf_counter() - t0:.1f}s")
         if self.head.uses_goal and self.samples.roundtrip_prob > 0:

@@ -22,8 +22,9 @@ Steps. ``train.batch_size`` is the global number of packed rows per optimisation
 gradients; gradients are then averaged over ranks. The loss of a step is therefore the mean of
 the G batches' losses whatever the number of ranks, and resuming at a step restores its batches.
 
-Loop (explicit, one function per piece): ``train_step`` (weighted next-token CE, gradient
-accumulation, all-reduce, clipping, AdamW with linear warm-up then cosine LR), ``evaluate``
+The stage (:class:`WorldModelStage`, run by the shared loop :mod:`emu_world.train.loop`, which owns
+the schedule, logging, checkpoints and resume): ``train_step`` (weighted next-token CE, gradient
+accumulation, all-reduce, clipping, AdamW at the loop's learning rate), ``evaluate``
 (per-kind held-out loss and next-frame token accuracy, :class:`HeldoutMetrics`, every
 ``train.eval_every`` steps and at the end), checkpoints (:mod:`emu_world.train.loop`: model,
 optimizer, step, RNG; atomic, exact resume) and ``export`` (``WorldModel.save`` + the action

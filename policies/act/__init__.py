@@ -28,6 +28,22 @@ from emu_world.config import EnvConfig
 from emu_world.errors import MissingInputError, UserError
 
 
+def set_execution(policy: Any, n_action_steps: int | None, temporal_ensemble_coeff: float | None) -> None:
+    """Run the chunks as asked: temporal ensembling with ``temporal_ensemble_coeff`` (one query per step),
+    or ``n_action_steps`` of each chunk; None keeps what the checkpoint was trained with."""
+    from lerobot.policies.act.modeling_act import ACTTemporalEnsembler
+
+    c = policy.config
+    if temporal_ensemble_coeff is not None:
+        c.temporal_ensemble_coeff, c.n_action_steps = float(temporal_ensemble_coeff), 1
+        policy.temporal_ensembler = ACTTemporalEnsembler(c.temporal_ensemble_coeff, c.chunk_size)
+    elif n_action_steps is not None:
+        if not 1 <= int(n_action_steps) <= c.chunk_size:
+            raise UserError(f"agent.n_action_steps={n_action_steps} must be in 1..{c.chunk_size} (the ACT's chunk)")
+        c.temporal_ensemble_coeff, c.n_action_steps = None, int(n_action_steps)
+    policy.reset()
+
+
 class LeRobotACTAgent:
     """An ``ACTPolicy`` with its processors, driving one of our envs."""
 
@@ -48,11 +64,7 @@ class LeRobotACTAgent:
 
         policy = ACTPolicy.from_pretrained(str(path))
         policy.config.device = "cpu"
-        if temporal_ensemble_coeff is not None:
-            policy.config.temporal_ensemble_coeff, policy.config.n_action_steps = temporal_ensemble_coeff, 1
-        elif n_action_steps is not None:
-            policy.config.n_action_steps = int(n_action_steps)
-        policy.reset()  # rebuilds the queue / ensembler from the config
+        set_execution(policy, n_action_steps, temporal_ensemble_coeff)
         action = policy.config.output_features.get("action")
         if action is not None and tuple(action.shape) != (env_cfg.action_dim,):
             raise UserError(f"{path} drives {tuple(action.shape)} actions but env={env_cfg.name} takes "
