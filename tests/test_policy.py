@@ -291,3 +291,24 @@ def test_lerobots_act_runs_as_an_agent_with_its_own_processors(tmp_path):
         LeRobotACTAgent.load(path, env_cfg, n_action_steps=9)
     with pytest.raises(UserError, match="14"):
         LeRobotACTAgent.load(path, env_config("aloha_transfer_cube"))
+
+
+def test_goals_can_be_keyframes_the_world_model_imagined(datasets, tiny_export, tmp_path):
+    """policy_data.imagined_prob: the goal is the keyframe imagined from an earlier frame of the same subtask
+    (cached before training, recorded in the manifest); the reached label keeps the true keyframe's time."""
+    run = run_stage(train_cfg(datasets[TASK], tmp_path / "imag", "policy_data.imagined_prob=1.0",
+                              f"policy_data.imagined_world_model={tiny_export['world_model']}",
+                              "policy_data.imagined_every=1.0", "train.steps=2"))
+    manifest = json.loads((run.export_dir / "manifest.json").read_text())
+    assert manifest["imagined_by"] == str(tiny_export["world_model"])
+    eps = PolicyEpisodes.load(datasets[TASK], None, [0])
+    eps.imagined = {0: np.zeros((32, 32, 3), np.uint8), 6: np.full((32, 32, 3), 9, np.uint8)}
+    cfg = SampleConfig(chunk_size=2, keyframe_jitter=3, shift=0, imagined_prob=1.0, reached_margin=1)
+    i = np.array([0, 3, 7])
+    batch = eps.batch(i, np.random.default_rng(0), cfg)
+    same = [int(eps.subtask[6]) == int(eps.subtask[7]) and eps.keyframe[6] == eps.keyframe[7]]
+    assert float(batch["observation.goal"][0].max()) == 0.0  # imagined from frame 0 itself
+    if same[0]:
+        assert torch.allclose(batch["observation.goal"][2], torch.full((3, 32, 32), 9 / 255))
+    kf = eps.keyframe[i]
+    assert batch["reached"][0] == float(kf[0] - 0 <= 1)  # the true keyframe's time, not the jittered one

@@ -47,6 +47,7 @@ class SampleConfig:
     past_prob: float = 0.0  # probability of a "reached a moment ago" sample (goal heads)
     past_window: int = 20  # ... the goal is up to this many steps before the frame
     pad: str = "repeat"  # chunk steps past the episode's end: repeat (the last action, trained) | mask (not trained)
+    imagined_prob: float = 0.0  # probability that the goal is a keyframe the world model imagined (cached)
 
     def __post_init__(self) -> None:
         if self.pad not in ("repeat", "mask"):
@@ -67,6 +68,7 @@ class PolicyEpisodes:
     keyframe: np.ndarray  # (N,) int64: global index of the keyframe of the frame's subtask (-1: not annotated)
     subtask: np.ndarray  # (N,) int64: the frame's subtask index (-1: not annotated)
     roundtrip: dict[int, np.ndarray] | None = None  # global index -> (H, W, 3) uint8 tokenizer round trip
+    imagined: dict[int, np.ndarray] | None = None  # global index of a frame -> the keyframe imagined from it
 
     @property
     def annotated(self) -> bool:
@@ -144,6 +146,23 @@ class PolicyEpisodes:
         back = np.maximum(i - rng.integers(0, cfg.past_window + 1, size=len(i)), self.episode_start(i))
         return np.where(past, back, k), past
 
+    def imagined_sources(self) -> np.ndarray:
+        return np.fromiter(sorted(self.imagined or {}), dtype=np.int64)
+
+    def use_imagined(self, i: np.ndarray, k: np.ndarray, goals: np.ndarray, pick: np.ndarray) -> np.ndarray:
+        """Replace the goals of the ``pick``ed samples, in place, by the keyframe the world model imagined
+        from the latest cached frame at or before theirs in the same subtask; their reached label then
+        follows the true keyframe (returned: the keyframe indices of the labels)."""
+        sources = self.imagined_sources()
+        k = k.copy()
+        for j in np.flatnonzero(pick):
+            at = np.searchsorted(sources, i[j], side="right") - 1
+            if at < 0 or self.keyframe[sources[at]] != self.keyframe[i[j]] or self.subtask[sources[at]] != self.subtask[i[j]]:
+                continue  # no imagination of this subtask from before this frame
+            goals[j] = self.imagined[int(sources[at])]
+            k[j] = self.keyframe[i[j]]
+        return k
+
     def goal_frames(self, k: np.ndarray, rng: np.random.Generator, cfg: SampleConfig) -> np.ndarray:
         goals = self.frames[k].copy()  # (B, H, W, 3)
         if self.roundtrip and cfg.roundtrip_prob > 0:
@@ -165,7 +184,10 @@ class PolicyEpisodes:
                                "action_is_pad": torch.from_numpy(pad if cfg.pad == "mask" else np.zeros_like(pad))}
         if cfg.goal:
             k, past = self.goal_indices(i, rng, cfg) if augment else (self.keyframe[i], np.zeros(len(i), bool))
-            images.append(self.goal_frames(k, rng, cfg) if augment else self.frames[k])
+            goals = self.goal_frames(k, rng, cfg) if augment else self.frames[k]
+            if augment and self.imagined and cfg.imagined_prob > 0:
+                k = self.use_imagined(i, k, goals, (rng.random(len(i)) < cfg.imagined_prob) & ~past)
+            images.append(goals)
             out["reached"] = torch.from_numpy(((k - i) <= cfg.reached_margin).astype(np.float32))
             out["action_is_pad"] = out["action_is_pad"] | torch.from_numpy(past[:, None])  # a reached goal: no actions
         shifted = random_shift([torch.from_numpy(x) for x in images], cfg.shift if augment else 0, rng)

@@ -63,10 +63,16 @@ class PolicyDataConfig:
     shift: int = 4  # random shift of both images, pixels
     past_prob: float = 0.2  # goal heads: samples whose goal was reached up to one chunk ago (reached head only)
     pad: str = "repeat"  # chunk steps past an episode's end: repeat its last action (trained) | mask (ACT's rule)
+    imagined_prob: float = 0.0  # goal heads: the goal is a keyframe the world model imagined (cached before training)
+    imagined_world_model: str = "auto"  # ... by this export (auto: the task's, rollouts.task_checkpoint), DiDA
+    imagined_every: float = 0.4  # ... from every frame this many seconds apart (and each subtask's first)
     eval_batches: int = 4  # held-out batches of train.batch_size frames per evaluation
     export_dir: str | None = None  # null: <run_dir>/policy
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.imagined_prob <= 1.0 or self.imagined_every <= 0:
+            raise ValueError(f"policy_data.imagined_prob must be in [0, 1] and imagined_every > 0 s, got "
+                             f"{self.imagined_prob} and {self.imagined_every}")
         if not 0.0 <= self.roundtrip_prob <= 1.0 or not 0.0 <= self.past_prob < 1.0:
             raise ValueError(f"policy_data.roundtrip_prob must be in [0, 1] and policy_data.past_prob in [0, 1), got "
                              f"{self.roundtrip_prob} and {self.past_prob}")
@@ -100,6 +106,33 @@ def roundtrip_frames(episodes: PolicyEpisodes, indices: np.ndarray, tokenizer_pa
         out.update({int(i): f for i, f in zip(part, decoded)})
     log(f"tokenizer round trip of {len(indices)} frames near keyframes in {time.perf_counter() - t0:.1f}s")
     return out
+
+
+def imagine_keyframes(episodes: PolicyEpisodes, root: Path, cfg: PolicyDataConfig, fps: float, log=print) -> str:
+    """Fill ``episodes.imagined``: from every frame ``imagined_every`` seconds apart (and the first frame of
+    each subtask), the keyframe of its subtask imagined by the world model (the planner's prompt, DiDA);
+    returns the export's path (recorded in the manifest)."""
+    from emu_world.planner import Planner, PlannerConfig
+
+    ds = RobotDataset(root, check_videos=False)
+    task = ds.provenance.get("env")
+    if not task or ds.subtask_vocab is None:
+        raise UserError(f"{root} does not say which task recorded it (meta/emu_world.json env) or has no subtask "
+                        "texts: imagined keyframes need both; set policy_data.imagined_prob=0")
+    planner = Planner(PlannerConfig(checkpoint=cfg.imagined_world_model, decoding="dida"), str(task))
+    step = max(1, round(cfg.imagined_every * fps))
+    first = np.r_[True, (episodes.subtask[1:] != episodes.subtask[:-1]) | (episodes.keyframe[1:] != episodes.keyframe[:-1])]
+    sources = np.flatnonzero(first | (np.arange(len(episodes)) % step == 0))
+    t0 = time.perf_counter()
+    codes = planner.tokenizer.encode(episodes.frames[sources]).numpy()
+    imagined = {}
+    for n, (src, c) in enumerate(zip(sources, codes)):
+        text = ds.subtask_vocab[int(episodes.subtask[src])]
+        imagined[int(src)] = planner.imagine(c, text, seed=int(src))
+    decoded = planner.tokenizer.decode(np.stack(list(imagined.values()))).numpy()
+    episodes.imagined = dict(zip(imagined, decoded))
+    log(f"{len(sources)} keyframes imagined by {planner.ex.path} in {time.perf_counter() - t0:.1f}s")
+    return str(planner.ex.path)
 
 
 class PolicyStage(Stage):
@@ -148,12 +181,15 @@ class PolicyStage(Stage):
             keyframe_jitter=jitter if jitter is not None else round(0.1 * self.head.fps),
             roundtrip_prob=self.data_cfg.roundtrip_prob, shift=self.data_cfg.shift,
             reached_margin=self.head.reached_margin, past_prob=self.data_cfg.past_prob,
-            past_window=self.head.n_action_steps, pad=self.data_cfg.pad)  # a goal reached up to one executed chunk ago
+            past_window=self.head.n_action_steps, pad=self.data_cfg.pad,  # a goal reached up to one executed chunk ago
+            imagined_prob=self.data_cfg.imagined_prob)
         self.log(f"data {self.root}: {len(self.train_eps)} training frames ({n - held} episodes), "
                  f"{len(self.heldout)} held out ({held}), decoded in {time.perf_counter() - t0:.1f}s")
         if self.head.uses_goal and self.samples.roundtrip_prob > 0:
             near = self.train_eps.keyframe_neighbourhood(self.samples.keyframe_jitter)
             self.train_eps.roundtrip = roundtrip_frames(self.train_eps, near, self.data_cfg.tokenizer, self.log)
+        if self.head.uses_goal and self.samples.imagined_prob > 0:
+            self.imagined_by = imagine_keyframes(self.train_eps, self.root, self.data_cfg, self.head.fps, self.log)
         torch.manual_seed(self.seed)
         self.model = GoalHeadPolicy(self.head, self.train_eps.stats())
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.loop.lr, betas=tuple(self.loop.betas),
@@ -225,7 +261,8 @@ class PolicyStage(Stage):
                      "subtask_steps": dataset_subtask_steps(RobotDataset(self.root, check_videos=False))
                      if self.train_eps.annotated else None,
                      "sampling": asdict(replace(self.samples))},
-            "tokenizer": tokenizer, "metrics": metrics, "train_seconds": round(train_seconds, 1),
+            "tokenizer": tokenizer, "imagined_by": getattr(self, "imagined_by", None),
+            "metrics": metrics, "train_seconds": round(train_seconds, 1),
             "world_size": self.info.world_size, "torch_threads_per_rank": torch.get_num_threads(),
             "parameters": self.model.num_parameters(),
             "note": "metrics: held-out episodes (the last dataset.eval_episodes), true keyframes, no augmentation; "
