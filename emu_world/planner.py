@@ -45,7 +45,9 @@ class PlannerConfig:
     checkpoint: str = "auto"  # the world-model export that imagines keyframes (auto: rollouts.task_checkpoint)
     tokenizer: str | None = None  # its tokenizer (null: the one the export records; code identity checked)
     decoding: str = "dida"  # dida | ar: how the keyframe is decoded
-    steps: int | None = None  # DiDA refinement passes (null: the export's)
+    steps: int | None = 8  # DiDA refinement passes (null: the export's K, tuned for next frames)
+    start: str = "noise"  # DiDA's first codes: noise (a keyframe differs much from the frame) | previous (warm start
+    #                       from the current frame, the export's default for next frames: it keeps the arms home)
     text: str = "generate"  # generate: the model names the subtask (evidence for the index) | known: skip it
     back_votes: int = 3  # consecutive plans naming an earlier subtask before the index goes back
     reached_codes: float | None = None  # also advance when this fraction of the frame's codes equals the pursued
@@ -59,6 +61,8 @@ class PlannerConfig:
             raise ValueError(f"planner.text must be one of {TEXTS}, got {self.text!r}")
         if self.back_votes < 1:
             raise ValueError(f"planner.back_votes must be >= 1, got {self.back_votes}")
+        if self.start not in ("noise", "previous"):
+            raise ValueError(f"planner.start must be noise or previous, got {self.start!r}")
         if self.reached_codes is not None and not 0.0 < self.reached_codes <= 1.0:
             raise ValueError(f"planner.reached_codes must be in (0, 1] or null, got {self.reached_codes}")
 
@@ -107,7 +111,7 @@ class Planner:
         env_cls = envs.task_spec(task).env_cls()
         self.subtasks: tuple[str, ...] = tuple(env_cls.subtasks)
         self.prompt = self.ex.layout.task_prompt(spec.tag, env_cls.task)
-        self.predict = self.ex.predictor(spec, config.decoding, self.tokenizer, config.steps, Sampling(0.0))
+        self.predict = self.ex.predictor(spec, config.decoding, self.tokenizer, config.steps, Sampling(0.0), config.start)
         self.text_generator = Generator(self.ex.model, self.ex.layout, GenerationConfig(text=Sampling(0.0)))
         self.state = PlannerState()
 

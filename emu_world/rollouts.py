@@ -80,10 +80,10 @@ class LoadedExport:
         return self.tasks[task]
 
     def predictor(self, spec: TaskSpec, decoding: str = "dida", tokenizer: ImageTokenizer | None = None,
-                  steps: int | None = None, vision: Sampling | None = None) -> FramePredictor:
+                  steps: int | None = None, vision: Sampling | None = None, start: str | None = None) -> FramePredictor:
         """The next-frame decoder of ``spec``'s stream: token by token (``ar``) or DiDA at ``steps`` passes
-        (None: the export's recorded K), greedy unless ``vision`` says otherwise."""
-        sampler = {"steps": steps} if decoding == "dida" else {}
+        from ``start`` (None: the export's recorded K and start), greedy unless ``vision`` says otherwise."""
+        sampler = {"steps": steps, "start": start} if decoding == "dida" else {}
         config = self.export.decoding(decoding, vision, **sampler)
         return self.export.frame_predictor(self.model, self.layout, config, tokenizer, spec.action_dim)
 

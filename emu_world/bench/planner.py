@@ -44,8 +44,11 @@ def planners(cfg: DictConfig, task: str) -> dict[str, Planner]:
     """One planner per decoder, on the same export."""
     out = {}
     for decoding in cfg.decodings:
-        out[str(decoding)] = Planner(PlannerConfig(checkpoint=str(cfg.checkpoint), tokenizer=str(cfg.tokenizer),
-                                                   decoding=str(decoding), reached_codes=cfg.reached_codes), task)
+        name, _, k = str(decoding).partition(":")  # dida:<K> sweeps the passes
+        settings = {"steps": int(k)} if k else ({"steps": cfg.steps} if cfg.get("steps") is not None else {})
+        out[str(decoding)] = Planner(PlannerConfig(checkpoint=str(cfg.checkpoint), tokenizer=cfg.get("tokenizer"),
+                                                   decoding=name, reached_codes=cfg.reached_codes,
+                                                   start=str(cfg.start), **settings), task)
     return out
 
 
@@ -69,7 +72,7 @@ def score_episode(plans: dict[str, Planner], frames: np.ndarray, labels: np.ndar
     keyframes = subtask_keyframes(labels)
     true_codes = tok.encode(frames[keyframes]).numpy()
     ceiling = tok.decode(true_codes).numpy()  # (n, H, W, 3)
-    memory = plans.get("dida", first)
+    memory = next((p for name, p in plans.items() if name.startswith("dida")), first)
     memory.reset()
     for t in range(0, len(frames), stride):
         k = int(labels[t])
