@@ -55,7 +55,7 @@ def world(tmp_path_factory):
 
 def data_config(world, *overrides: str) -> DataConfig:
     _, _, roots, cache = world
-    cfg = compose_cfg(None, "+data=tiny", f"data.datasets=[{roots[0]},{roots[1]}]", f"data.token_cache={cache}",
+    cfg = compose_cfg(None, "+seed=0", "+data=tiny", f"data.datasets=[{roots[0]},{roots[1]}]", f"data.token_cache={cache}",
                       *overrides)
     return to_dataclass(DataConfig, cfg.data)
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from emu_world.errors import UserError
 import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
@@ -298,7 +300,7 @@ def test_bad_settings_fail_with_the_fix(world, tmp_path):
     with pytest.raises(ValueError, match="train.parallel must be ddp or fsdp"):
         train(world, tmp_path / "f", "train.parallel=zero3")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="use train.device=cpu"):
+        with pytest.raises(UserError, match="use train.device=cpu"):
             train(world, tmp_path / "g", "train.device=cuda")
 
 
