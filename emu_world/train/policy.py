@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from omegaconf import DictConfig
+from torch import nn
 
 from emu_world.config import to_dataclass
 from emu_world.data.frames import FrameDataConfig, resolve_roots
@@ -64,7 +64,8 @@ class PolicyDataConfig:
     past_prob: float = 0.2  # goal heads: samples whose goal was reached up to one chunk ago (reached head only)
     pad: str = "repeat"  # chunk steps past an episode's end: repeat its last action (trained) | mask (ACT's rule)
     imagined_prob: float = 0.0  # goal heads: the goal is a keyframe the world model imagined (cached before training)
-    imagined_world_model: str = "auto"  # ... by this export (auto: the task's, rollouts.task_checkpoint), DiDA
+    imagined_world_model: str = "auto"  # ... by this export (auto: the task's, rollouts.task_checkpoint)
+    imagined_decoding: str = "dida"  # ... decoded as the agent's planner will: dida | ar
     imagined_every: float = 0.4  # ... from every frame this many seconds apart (and each subtask's first)
     eval_batches: int = 4  # held-out batches of train.batch_size frames per evaluation
     export_dir: str | None = None  # null: <run_dir>/policy
@@ -73,6 +74,8 @@ class PolicyDataConfig:
         if not 0.0 <= self.imagined_prob <= 1.0 or self.imagined_every <= 0:
             raise ValueError(f"policy_data.imagined_prob must be in [0, 1] and imagined_every > 0 s, got "
                              f"{self.imagined_prob} and {self.imagined_every}")
+        if self.imagined_decoding not in ("dida", "ar"):
+            raise ValueError(f"policy_data.imagined_decoding must be dida or ar, got {self.imagined_decoding!r}")
         if not 0.0 <= self.roundtrip_prob <= 1.0 or not 0.0 <= self.past_prob < 1.0:
             raise ValueError(f"policy_data.roundtrip_prob must be in [0, 1] and policy_data.past_prob in [0, 1), got "
                              f"{self.roundtrip_prob} and {self.past_prob}")
@@ -110,7 +113,7 @@ def roundtrip_frames(episodes: PolicyEpisodes, indices: np.ndarray, tokenizer_pa
 
 def imagine_keyframes(episodes: PolicyEpisodes, root: Path, cfg: PolicyDataConfig, fps: float, log=print) -> str:
     """Fill ``episodes.imagined``: from every frame ``imagined_every`` seconds apart (and the first frame of
-    each subtask), the keyframe of its subtask imagined by the world model (the planner's prompt, DiDA);
+    each subtask), the keyframe of its subtask imagined by the world model (the planner's prompt and decoding);
     returns the export's path (recorded in the manifest)."""
     from emu_world.planner import Planner, PlannerConfig
 
@@ -119,7 +122,7 @@ def imagine_keyframes(episodes: PolicyEpisodes, root: Path, cfg: PolicyDataConfi
     if not task or ds.subtask_vocab is None:
         raise UserError(f"{root} does not say which task recorded it (meta/emu_world.json env) or has no subtask "
                         "texts: imagined keyframes need both; set policy_data.imagined_prob=0")
-    planner = Planner(PlannerConfig(checkpoint=cfg.imagined_world_model, decoding="dida"), str(task))
+    planner = Planner(PlannerConfig(checkpoint=cfg.imagined_world_model, decoding=cfg.imagined_decoding), str(task))
     step = max(1, round(cfg.imagined_every * fps))
     first = np.r_[True, (episodes.subtask[1:] != episodes.subtask[:-1]) | (episodes.keyframe[1:] != episodes.keyframe[:-1])]
     sources = np.flatnonzero(first | (np.arange(len(episodes)) % step == 0))
@@ -262,6 +265,7 @@ class PolicyStage(Stage):
                      if self.train_eps.annotated else None,
                      "sampling": asdict(replace(self.samples))},
             "tokenizer": tokenizer, "imagined_by": getattr(self, "imagined_by", None),
+            "imagined_decoding": self.data_cfg.imagined_decoding if getattr(self, "imagined_by", None) else None,
             "metrics": metrics, "train_seconds": round(train_seconds, 1),
             "world_size": self.info.world_size, "torch_threads_per_rank": torch.get_num_threads(),
             "parameters": self.model.num_parameters(),
