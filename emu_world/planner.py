@@ -8,7 +8,8 @@ keyframe (the frame that shows it done), imagined by the world model.
 
 Prompt (the world model's plan samples, Emu3.5's embodied format): ``BOS PLAN "<tag>: <task>"
 image(frame)``, then the model writes the subtask text (greedy, stopping where the next image would
-start), then ``text image(...)`` is decoded as the keyframe by DiDA (default) or token by token.
+start), then ``text image(...)`` is decoded as the keyframe by DiDA or token by token (``decoding: auto``,
+the default: DiDA when the planning export is DiDA-adapted, else token by token).
 
 Memory. A single frame is ambiguous inside a subtask (late in "grasp" the model already says
 "lift"), so the planner keeps the index of the subtask it pursues (into the task's subtask list) and
@@ -25,16 +26,17 @@ from __future__ import annotations
 
 import difflib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from emu_world.errors import UserError
+from emu_world.models.export import WorldModelExport
 from emu_world.models.generate import GenerationConfig, Generator, Sampling
-from emu_world.rollouts import load_for_task
+from emu_world.rollouts import load_for_task, task_checkpoint
 
-DECODINGS = ("dida", "ar")
+DECODINGS = ("auto", "dida", "ar")
 TEXTS = ("generate", "known")
 
 
@@ -44,7 +46,8 @@ class PlannerConfig:
 
     checkpoint: str = "auto"  # the world-model export that imagines keyframes (auto: rollouts.task_checkpoint)
     tokenizer: str | None = None  # its tokenizer (null: the one the export records; code identity checked)
-    decoding: str = "dida"  # dida | ar: how the keyframe is decoded
+    decoding: str = "auto"  # dida | ar: how the keyframe is decoded; auto: with checkpoint=auto the task's own
+    #                         export (else the default), by DiDA if that export is DiDA-adapted, else token by token
     steps: int | None = 8  # DiDA refinement passes (null: the export's K, tuned for next frames)
     start: str = "noise"  # DiDA's first codes: noise (a keyframe differs much from the frame) | previous (warm start
     #                       from the current frame, the export's default for next frames: it keeps the arms home)
@@ -96,12 +99,22 @@ def nearest_subtask(text: str, subtasks: tuple[str, ...]) -> int | None:
     return best if scores[best] >= 0.8 else None
 
 
+def resolve_decoding(config: PlannerConfig, task: str) -> PlannerConfig:
+    """``decoding: auto`` made concrete: the export that plans (``checkpoint=auto``: the task's own if there,
+    else the default model) decodes by DiDA when it was DiDA-adapted, else token by token."""
+    if config.decoding != "auto":
+        return config
+    folder = task_checkpoint(task, "ar") if config.checkpoint == "auto" else config.checkpoint
+    return replace(config, checkpoint=folder, decoding="dida" if WorldModelExport.read(folder).dida_adapted else "ar")
+
+
 class Planner:
     """See the module docstring. ``task``: the env name whose instruction and subtasks are planned."""
 
     def __init__(self, config: PlannerConfig, task: str):
         import envs
 
+        config = resolve_decoding(config, task)
         self.config = config
         self.tokenizer, self.ex, spec = load_for_task(config.checkpoint, config.tokenizer, task, config.decoding)
         if config.decoding == "dida" and not self.ex.export.dida_adapted:

@@ -4,7 +4,7 @@ on a tiny untrained export of a tiny tokenizer: the mechanics, not the quality."
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +17,6 @@ from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
 from emu_world.errors import UserError
 from emu_world.evaluate import evaluate
 from emu_world.models.generate import GenerationConfig, Generator, Sampling
-from emu_world.models.layout import ActionBinner, LayoutConfig, SequenceLayout
-from emu_world.models.tokenizer import TokenizerConfig, VisionTokenizer
-from emu_world.models.world_model import WorldModel, WorldModelConfig
 from emu_world.planner import Planner, PlannerConfig, nearest_subtask
 from policies.goal_head import GoalHeadPolicy
 
@@ -100,3 +97,17 @@ def test_the_world_model_agent_plans_and_acts_through_evaluate(export, tmp_path)
     assert subtask_steps(export["goal"]) == [3, 2, 4]
     with pytest.raises(UserError, match="agent.replan"):
         WorldModelAgent(GoalHeadPolicy.load(export["goal"]), None, [3], replan="always")
+
+
+def test_auto_decoding_is_dida_for_an_adapted_export_and_token_by_token_otherwise(export, tmp_path):
+    """planner.decoding=auto (the agent's default): the shipped aloha_fold model was never DiDA-adapted."""
+    assert planner(export, decoding="auto").config.decoding == "dida"
+    plain = tmp_path / "ar_only"
+    shutil.copytree(export["world_model"], plain)
+    manifest = json.loads((plain / "manifest.json").read_text())
+    manifest.pop("dida")
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    p = Planner(PlannerConfig(checkpoint=str(plain), tokenizer=str(export["tokenizer"]), decoding="auto"), TASK)
+    assert (p.config.decoding, p.describe()["decoding"]) == ("ar", "ar")
+    with pytest.raises(ValueError, match="planner.decoding must be one of"):
+        PlannerConfig(decoding="fast")

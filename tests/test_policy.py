@@ -300,8 +300,7 @@ def test_goals_can_be_keyframes_the_world_model_imagined(datasets, tiny_export, 
                               f"policy_data.imagined_world_model={tiny_export['world_model']}",
                               "policy_data.imagined_every=1.0", "policy_data.imagined_decoding=ar", "train.steps=2"))
     manifest = json.loads((run.export_dir / "manifest.json").read_text())
-    assert manifest["imagined_by"] == str(tiny_export["world_model"])
-    assert manifest["imagined_decoding"] == "ar"
+    assert manifest["imagined_by"] == {"world_model": str(tiny_export["world_model"]), "decoding": "ar"}
     eps = PolicyEpisodes.load(datasets[TASK], None, [0])
     eps.imagined = {0: np.zeros((32, 32, 3), np.uint8), 6: np.full((32, 32, 3), 9, np.uint8)}
     cfg = SampleConfig(chunk_size=2, keyframe_jitter=3, shift=0, imagined_prob=1.0, reached_margin=1)

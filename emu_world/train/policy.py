@@ -65,7 +65,7 @@ class PolicyDataConfig:
     pad: str = "repeat"  # chunk steps past an episode's end: repeat its last action (trained) | mask (ACT's rule)
     imagined_prob: float = 0.0  # goal heads: the goal is a keyframe the world model imagined (cached before training)
     imagined_world_model: str = "auto"  # ... by this export (auto: the task's, rollouts.task_checkpoint)
-    imagined_decoding: str = "dida"  # ... decoded as the agent's planner will: dida | ar
+    imagined_decoding: str = "auto"  # ... decoded as the agent's planner will: auto | dida | ar
     imagined_every: float = 0.4  # ... from every frame this many seconds apart (and each subtask's first)
     eval_batches: int = 4  # held-out batches of train.batch_size frames per evaluation
     export_dir: str | None = None  # null: <run_dir>/policy
@@ -74,8 +74,8 @@ class PolicyDataConfig:
         if not 0.0 <= self.imagined_prob <= 1.0 or self.imagined_every <= 0:
             raise ValueError(f"policy_data.imagined_prob must be in [0, 1] and imagined_every > 0 s, got "
                              f"{self.imagined_prob} and {self.imagined_every}")
-        if self.imagined_decoding not in ("dida", "ar"):
-            raise ValueError(f"policy_data.imagined_decoding must be dida or ar, got {self.imagined_decoding!r}")
+        if self.imagined_decoding not in ("auto", "dida", "ar"):
+            raise ValueError(f"policy_data.imagined_decoding must be auto, dida or ar, got {self.imagined_decoding!r}")
         if not 0.0 <= self.roundtrip_prob <= 1.0 or not 0.0 <= self.past_prob < 1.0:
             raise ValueError(f"policy_data.roundtrip_prob must be in [0, 1] and policy_data.past_prob in [0, 1), got "
                              f"{self.roundtrip_prob} and {self.past_prob}")
@@ -111,10 +111,11 @@ def roundtrip_frames(episodes: PolicyEpisodes, indices: np.ndarray, tokenizer_pa
     return out
 
 
-def imagine_keyframes(episodes: PolicyEpisodes, root: Path, cfg: PolicyDataConfig, fps: float, log=print) -> str:
+def imagine_keyframes(episodes: PolicyEpisodes, root: Path, cfg: PolicyDataConfig, fps: float,
+                      log=print) -> dict[str, str]:
     """Fill ``episodes.imagined``: from every frame ``imagined_every`` seconds apart (and the first frame of
     each subtask), the keyframe of its subtask imagined by the world model (the planner's prompt and decoding);
-    returns the export's path (recorded in the manifest)."""
+    returns the export's path and decoding (recorded in the manifest)."""
     from emu_world.planner import Planner, PlannerConfig
 
     ds = RobotDataset(root, check_videos=False)
@@ -135,7 +136,7 @@ def imagine_keyframes(episodes: PolicyEpisodes, root: Path, cfg: PolicyDataConfi
     decoded = planner.tokenizer.decode(np.stack(list(imagined.values()))).numpy()
     episodes.imagined = dict(zip(imagined, decoded))
     log(f"{len(sources)} keyframes imagined by {planner.ex.path} in {time.perf_counter() - t0:.1f}s")
-    return str(planner.ex.path)
+    return {"world_model": str(planner.ex.path), "decoding": planner.config.decoding}
 
 
 class PolicyStage(Stage):
@@ -265,7 +266,6 @@ class PolicyStage(Stage):
                      if self.train_eps.annotated else None,
                      "sampling": asdict(replace(self.samples))},
             "tokenizer": tokenizer, "imagined_by": getattr(self, "imagined_by", None),
-            "imagined_decoding": self.data_cfg.imagined_decoding if getattr(self, "imagined_by", None) else None,
             "metrics": metrics, "train_seconds": round(train_seconds, 1),
             "world_size": self.info.world_size, "torch_threads_per_rank": torch.get_num_threads(),
             "parameters": self.model.num_parameters(),
