@@ -59,18 +59,21 @@ def evaluate(env_cfg: EnvConfig, agent_cfg: AgentConfig, episodes: int, seed: in
             for i in bar:
                 record = video and i < video_episodes
                 frames: list[np.ndarray] = []
-                hook = (lambda obs, action, next_obs, *rest: frames.append(view(next_obs, agent))) \
-                    if record and view is not None else None
+                last: list[np.ndarray] = []  # the episode's last camera frame
+
+                def hook(obs, action, next_obs, *rest):
+                    frames.append(view(next_obs, agent))
+                    last[:] = [np.asarray(next_obs["pixels"][camera])]
+
                 result, camera_frames = run_episode(env, agent, seed + i, i, camera if record and view is None else None,
-                                                    on_step=hook)
+                                                    on_step=hook if record and view is not None else None)
                 frames = camera_frames or frames
                 if record:
                     path = write_mp4(output_dir / "videos" / f"episode_{i:03d}.mp4", frames, env_cfg.fps)
                     result.video = str(path)
-                    if hasattr(agent, "images") and agent.images():  # what a planner imagined
-                        labels, images = zip(*agent.images())
-                        save_grid(output_dir / "videos" / f"episode_{i:03d}_keyframes.png",
-                                  [("imagined", list(images))], list(labels))
+                    if hasattr(agent, "picture_rows") and agent.images():  # what a planner imagined
+                        labels, rows = agent.picture_rows(last[0] if last else (camera_frames or [None])[-1])
+                        save_grid(output_dir / "videos" / f"episode_{i:03d}_keyframes.png", rows, labels)
                 results.append(result)
                 log.write(json.dumps(asdict(result)) + "\n")
                 log.flush()

@@ -93,7 +93,10 @@ def test_the_world_model_agent_plans_and_acts_through_evaluate(export, tmp_path)
     plans = record["agent"]["plans"]
     assert record["steps"] == 6 and len(plans) >= 3  # a plan per chunk (2 steps at 5 Hz), budgets of 2-3 steps
     assert summary["mean_plans_per_episode"] == len(plans) and 0 < summary["planner_share_of_agent_time"] <= 1
-    assert (tmp_path / "videos" / "episode_000_keyframes.png").is_file()
+    from PIL import Image
+
+    strip = Image.open(tmp_path / "videos" / "episode_000_keyframes.png")  # camera when planned above imagined
+    assert strip.size == (150 + (len(plans) + 1) * (32 + 4), 20 + 2 * (32 + 4))  # + the episode's last frame
     assert subtask_steps(export["goal"]) == [3, 2, 4]
     with pytest.raises(UserError, match="agent.replan"):
         WorldModelAgent(GoalHeadPolicy.load(export["goal"]), None, [3], replan="always")
