@@ -227,7 +227,6 @@ class WorldModelAgent(SubgoalAgent):
         self.subtask_steps = subtask_steps
         self.plan = None
         self.planner_seconds = 0.0
-        self.planned_from: list[np.ndarray] = []  # the camera frame each plan was made from (for pictures)
 
     @property
     def num_subtasks(self) -> int:
@@ -250,12 +249,10 @@ class WorldModelAgent(SubgoalAgent):
     def reset(self, obs: dict, info: dict) -> None:
         super().reset(obs, info)
         self.planner.reset()
-        self.plan, self.planner_seconds, self.planned_from = None, 0.0, []
+        self.plan, self.planner_seconds = None, 0.0
 
     def _plan(self, obs: dict, reached: bool = False, budget: bool = False) -> None:
-        frame = np.asarray(obs["pixels"][self.camera])
-        self.plan = self.planner.plan(frame, reached=reached, budget=budget)
-        self.planned_from.append(frame.copy())
+        self.plan = self.planner.plan(np.asarray(obs["pixels"][self.camera]), reached=reached, budget=budget)
         self.planner_seconds += self.plan.seconds
         if self.plan.subtask_index != self.subtask_index:
             self.advances.append({"subtask": self.subtask_index, "after_steps": self.steps_in_subtask,
@@ -288,7 +285,7 @@ class WorldModelAgent(SubgoalAgent):
         """The episode as a strip: the camera frame each plan was made from (the previous keyframe's result)
         above the keyframe imagined from it, and ``last_frame`` (how the episode ended) in a last column."""
         labels, imagined = (list(x) for x in zip(*self.images())) if self.planner.history else ([], [])
-        camera = list(self.planned_from)
+        camera = [p.frame for p in self.planner.history]
         if last_frame is not None:
             labels.append("end")
             camera.append(np.asarray(last_frame))

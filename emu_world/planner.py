@@ -81,6 +81,7 @@ class Plan:
     keyframe: np.ndarray  # (H, W, 3) uint8, decoded
     seconds: float  # text + keyframe, tokenizer encode and decode included
     reason: str  # first | reached | budget | replan | back
+    frame: np.ndarray  # (H, W, 3) uint8: the camera frame it was planned from
 
 
 @dataclass
@@ -181,7 +182,7 @@ class Planner:
         seed = self.config.seed + len(self.state.history) if seed is None else seed
         keyframe_codes = self.imagine(codes, text, seed)
         keyframe = self.tokenizer.decode(keyframe_codes[None]).numpy()[0]
-        plan = Plan(index, text, said, keyframe_codes, keyframe, time.perf_counter() - t0, reason)
+        plan = Plan(index, text, said, keyframe_codes, keyframe, time.perf_counter() - t0, reason, np.array(frame))
         self.state.history.append(plan)
         return plan
 

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from emu_world.errors import UserError
 import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from emu_world.config import CONFIG_DIR, AgentConfig, EnvConfig, to_dataclass
+from emu_world.errors import UserError
 from emu_world.models.dida import seeded_generator
 from emu_world.models.layout import ActionBinner, LayoutConfig, SequenceLayout
 from emu_world.models.text_tokenizer import load_text_tokenizer

@@ -74,8 +74,10 @@ class PolicyDataConfig:
         if not 0.0 <= self.imagined_prob <= 1.0 or self.imagined_every <= 0:
             raise ValueError(f"policy_data.imagined_prob must be in [0, 1] and imagined_every > 0 s, got "
                              f"{self.imagined_prob} and {self.imagined_every}")
-        if self.imagined_decoding not in ("auto", "dida", "ar"):
-            raise ValueError(f"policy_data.imagined_decoding must be auto, dida or ar, got {self.imagined_decoding!r}")
+        from emu_world.planner import DECODINGS
+
+        if self.imagined_decoding not in DECODINGS:
+            raise ValueError(f"policy_data.imagined_decoding must be one of {DECODINGS}, got {self.imagined_decoding!r}")
         if not 0.0 <= self.roundtrip_prob <= 1.0 or not 0.0 <= self.past_prob < 1.0:
             raise ValueError(f"policy_data.roundtrip_prob must be in [0, 1] and policy_data.past_prob in [0, 1), got "
                              f"{self.roundtrip_prob} and {self.past_prob}")
