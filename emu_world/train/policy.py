@@ -57,7 +57,7 @@ HEAD_KEYS = ("goal", "camera", "channels", "strides", "keypoints", "hidden", "ch
 class PolicyDataConfig:
     """``policy_data:`` section: sampling, augmentation and export of the policy stage."""
 
-    keyframe_jitter: int | None = None  # frames; null: 0.1 s of control steps (5 at 50 Hz, 1 at 5 Hz)
+    keyframe_jitter: int | None = None  # frames; null: 0.1 s of control steps rounded (5 at 50 Hz, 0 at 5 Hz)
     roundtrip_prob: float = 0.25  # probability that the keyframe is its tokenizer round trip (0: never)
     tokenizer: str = "checkpoints/tokenizer"  # the round trip's tokenizer (recorded in the manifest)
     shift: int = 4  # random shift of both images, pixels
