@@ -98,7 +98,7 @@ def test_config_resolves_rate_dependent_defaults():
     c = GoalHeadConfig().resolved("top", 128, 14, 14, 50.0)
     assert (c.chunk_size, c.n_action_steps, c.reached_margin, c.camera) == (20, 20, 3, "top")
     c = GoalHeadConfig(chunk_size=4, camera="front").resolved("top", 128, 7, 7, 5.0)
-    assert (c.chunk_size, c.n_action_steps, c.reached_margin, c.camera) == (4, 4, 0, "front")
+    assert (c.chunk_size, c.n_action_steps, c.reached_margin, c.camera) == (4, 4, 1, "front")
     with pytest.raises(ValueError, match="policy.goal"):
         GoalHeadConfig(goal="image")
     with pytest.raises(ValueError, match="exceeds policy.chunk_size"):
