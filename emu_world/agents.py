@@ -265,8 +265,9 @@ class WorldModelAgent(SubgoalAgent):
             self._plan(obs)
             return
         budget = self.budget(self.subtask_index)
-        if self.subtask_index < self.num_subtasks - 1 and budget is not None and self.steps_in_subtask >= budget:
-            self._plan(obs, budget=True)
+        if budget is not None and self.steps_in_subtask >= budget:
+            self._plan(obs, budget=True)  # the next subtask; on the last, a fresh keyframe (and a vote to go back)
+            self.steps_in_subtask = 0
         elif self.replan == "chunk" and self.policy.needs_query():
             self._plan(obs)
 

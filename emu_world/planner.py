@@ -16,7 +16,9 @@ Memory. A single frame is ambiguous inside a subtask (late in "grasp" the model 
 treats the generated text as evidence, not as the decision: the index moves on when the policy says
 the keyframe is reached (``reached=True``) or the step budget of the subtask ran out (the agent
 decides both); it goes back only after ``back_votes`` consecutive plans named an earlier subtask (the
-cloth slipped out of the grippers); a text that names no known subtask changes nothing. The keyframe
+cloth slipped out of the grippers); a text that names no known subtask changes nothing. The first plan
+pursues the task's first subtask (``begin: first``; ``said``: the one the model names, for an episode
+that starts mid-task). The keyframe
 is always imagined for the pursued subtask's text. ``text: known`` skips the text generation.
 
 Everything the planner imagined is kept (:attr:`Planner.history`) for logging and videos.
@@ -38,6 +40,7 @@ from emu_world.rollouts import load_for_task, task_checkpoint
 
 DECODINGS = ("auto", "dida", "ar")
 TEXTS = ("generate", "known")
+BEGINS = ("first", "said")
 
 
 @dataclass
@@ -53,6 +56,9 @@ class PlannerConfig:
     #                       from the current frame, the export's default for next frames: it keeps the arms home)
     text: str = "generate"  # generate: the model names the subtask (evidence for the index) | known: skip it
     back_votes: int = 3  # consecutive plans naming an earlier subtask before the index goes back
+    begin: str = "first"  # the first plan's subtask: first (the task's first: episodes start at a reset) | said
+    #                       (the one the model names: an episode may start mid-task; the default model named
+    #                       widowx's last subtask from its first frame, and the agent waited there for 120 steps)
     reached_codes: float | None = None  # also advance when this fraction of the frame's codes equals the pursued
     #                                     keyframe's (the planner's own reached test; null: only the caller's)
     seed: int = 0  # DiDA's noise (greedy decoding otherwise)
@@ -62,6 +68,8 @@ class PlannerConfig:
             raise ValueError(f"planner.decoding must be one of {DECODINGS}, got {self.decoding!r}")
         if self.text not in TEXTS:
             raise ValueError(f"planner.text must be one of {TEXTS}, got {self.text!r}")
+        if self.begin not in BEGINS:
+            raise ValueError(f"planner.begin must be one of {BEGINS}, got {self.begin!r}")
         if self.back_votes < 1:
             raise ValueError(f"planner.back_votes must be >= 1, got {self.back_votes}")
         if self.start not in ("noise", "previous"):
@@ -147,8 +155,8 @@ class Planner:
         """The subtask index after this plan's evidence, and why it is what it is."""
         st, last = self.state, len(self.subtasks) - 1
         if not st.history:
-            named = nearest_subtask(said, self.subtasks) if said else None
-            return (named if named is not None else 0), "first"  # an episode may start mid-task
+            named = nearest_subtask(said, self.subtasks) if said and self.config.begin == "said" else None
+            return (named if named is not None else 0), "first"
         if (reached or budget) and st.index < last:
             st.back = 0
             return st.index + 1, "reached" if reached else "budget"

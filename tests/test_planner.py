@@ -49,7 +49,7 @@ def test_text_generation_can_stop_where_the_image_would_start(export):
 
 
 def test_the_subtask_index_moves_on_when_reached_and_goes_back_only_on_repeated_evidence(export, monkeypatch):
-    p = planner(export, decoding="ar", back_votes=2)
+    p = planner(export, decoding="ar", back_votes=2, begin="said")
     subtasks = p.subtasks
     said = iter([subtasks[1], subtasks[2], subtasks[0], subtasks[2], subtasks[0], subtasks[0], "gibberish"])
     monkeypatch.setattr(p, "say", lambda codes: next(said))
@@ -64,6 +64,14 @@ def test_the_subtask_index_moves_on_when_reached_and_goes_back_only_on_repeated_
     assert [b.subtask_index for b in back] == [2, 0] and back[1].reason == "back"
     assert p.plan(frame(6)).subtask_index == 0  # an unknown text changes nothing
     assert [s["reason"] for s in p.summary()][:3] == ["first", "replan", "reached"]
+
+
+def test_the_first_plan_pursues_the_first_subtask_unless_told_to_trust_the_model(export, monkeypatch):
+    p = planner(export, decoding="ar")
+    monkeypatch.setattr(p, "say", lambda codes: p.subtasks[-1])  # a model that names the last subtask at the start
+    assert (p.plan(frame(0)).subtask_index, p.plan(frame(1)).subtask_index) == (0, 0)
+    with pytest.raises(ValueError, match="planner.begin"):
+        PlannerConfig(begin="middle")
 
 
 def test_keyframes_by_dida_are_seeded_and_the_known_text_mode_skips_generation(export):
@@ -100,6 +108,20 @@ def test_the_world_model_agent_plans_and_acts_through_evaluate(export, tmp_path)
     assert subtask_steps(export["goal"]) == [3, 2, 4]
     with pytest.raises(UserError, match="agent.replan"):
         WorldModelAgent(GoalHeadPolicy.load(export["goal"]), None, [3], replan="always")
+
+
+def test_the_agent_replans_when_the_last_subtasks_budget_runs_out(export, tmp_path):
+    """It used to wait on the last subtask's keyframe for the rest of the episode."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            f"env={TASK}", "env.image_size=32", "env.max_episode_steps=24", "agent=world_model",
+            f"agent.checkpoint={export['goal']}", f"agent.planner.checkpoint={export['world_model']}",
+            f"agent.planner.tokenizer={export['tokenizer']}", "agent.subtask_budget=0.5", "agent.reached_threshold=0.999"])
+    env_cfg, agent_cfg = to_dataclass(EnvConfig, cfg.env), to_dataclass(AgentConfig, cfg.agent)
+    evaluate(env_cfg, agent_cfg, episodes=1, seed=2, output_dir=tmp_path, progress=False)
+    plans = json.loads((tmp_path / "episodes.jsonl").read_text())["agent"]["plans"]
+    assert [p["subtask"] for p in plans[:4]] == [0, 1, 2, 3]  # budgets only (never reached)
+    assert len(plans) > 5 and {p["reason"] for p in plans[4:]} <= {"replan", "back"}
 
 
 def test_auto_decoding_is_dida_for_an_adapted_export_and_token_by_token_otherwise(export, tmp_path):
