@@ -218,6 +218,8 @@ class WorldModelAgent(SubgoalAgent):
     (the next subtask), and, with ``replan=chunk``, before every new chunk (the same subtask, imagined
     again from the current frame). Planning time counts in the agent's time."""
 
+    may_go_back = True  # the planner's back votes may return to an earlier subtask
+
     def __init__(self, policy: GoalHeadPolicy, planner: Any, subtask_steps: list[int], replan: str = "reached",
                  reached_threshold: float = 0.5, subtask_budget: float = 2.0):
         super().__init__(policy, reached_threshold)

@@ -64,7 +64,8 @@ def run_episode(env, agent: Agent, seed: int, episode: int = 0, record_camera: s
     obs, info = env.reset(seed=seed)
     agent.reset(obs, {**info, "seed": seed})
     start = time.perf_counter()
-    tracker = AnnotationTracker(env.unwrapped.subtasks) if hasattr(agent, "subtask_index") else None
+    tracker = AnnotationTracker(env.unwrapped.subtasks, may_go_back=getattr(agent, "may_go_back", False)) \
+        if hasattr(agent, "subtask_index") else None
     frames = [obs["pixels"][record_camera]] if record_camera else []
     success, progress, steps, env_seconds = bool(info["is_success"]), int(info["subtask_progress"]), 0, 0.0
     collided, agent_seconds, hook_seconds, success_step = 0, 0.0, 0.0, (0 if success else None)

@@ -157,16 +157,18 @@ class SubtaskAnnotation:
 
 
 class AnnotationTracker:
-    """Turns the expert's per-step subtask index into :class:`SubtaskAnnotation` records."""
+    """Turns the expert's per-step subtask index into :class:`SubtaskAnnotation` records. ``may_go_back``:
+    the index may decrease (an agent whose planner goes back to an earlier subtask; a new record each time)."""
 
-    def __init__(self, subtasks: Sequence[str]):
+    def __init__(self, subtasks: Sequence[str], may_go_back: bool = False):
         self.subtasks = tuple(subtasks)
+        self.may_go_back = may_go_back
         self.per_step: list[int] = []
 
     def record(self, subtask_index: int) -> None:
         if not 0 <= subtask_index < len(self.subtasks):
             raise ValueError(f"subtask index {subtask_index} outside 0..{len(self.subtasks) - 1}")
-        if self.per_step and subtask_index < self.per_step[-1]:
+        if not self.may_go_back and self.per_step and subtask_index < self.per_step[-1]:
             raise ValueError("subtask indices must not decrease within an episode")
         self.per_step.append(int(subtask_index))
 

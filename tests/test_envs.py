@@ -201,3 +201,16 @@ def test_expert_succeeds(name):
         assert wins == 5
     finally:
         env.close()
+
+
+def test_annotation_tracker_refuses_going_back_unless_the_agent_may():
+    from envs import AnnotationTracker
+
+    strict = AnnotationTracker(("a", "b", "c"))
+    strict.record(1)
+    with pytest.raises(ValueError, match="must not decrease"):
+        strict.record(0)
+    loose = AnnotationTracker(("a", "b", "c"), may_go_back=True)
+    for i in (0, 2, 2, 1):
+        loose.record(i)
+    assert [(a.index, a.start_step, a.end_step) for a in loose.annotations()] == [(0, 0, 0), (2, 1, 2), (1, 3, 3)]
