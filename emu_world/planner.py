@@ -18,8 +18,8 @@ the keyframe is reached (``reached=True``) or the step budget of the subtask ran
 decides both); it goes back only after ``back_votes`` consecutive plans named an earlier subtask (the
 cloth slipped out of the grippers); a text that names no known subtask changes nothing. The first plan
 pursues the task's first subtask (``begin: first``; ``said``: the one the model names, for an episode
-that starts mid-task). The keyframe
-is always imagined for the pursued subtask's text. ``text: known`` skips the text generation.
+that starts mid-task). The keyframe is always imagined for the pursued subtask's text. ``text: known``
+skips the text generation.
 
 Everything the planner imagined is kept (:attr:`Planner.history`) for logging and videos.
 """
