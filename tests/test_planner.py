@@ -89,13 +89,18 @@ def test_nearest_subtask():
     assert nearest_subtask("fold the cloth", names) is None
 
 
-def test_the_world_model_agent_plans_and_acts_through_evaluate(export, tmp_path):
+def agent_configs(export, *overrides: str) -> tuple[EnvConfig, AgentConfig]:
+    """The world-model agent on the tiny export, on 32-pixel frames, with ``overrides``."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=[
-            f"env={TASK}", "env.image_size=32", "env.max_episode_steps=6", "agent=world_model",
-            f"agent.checkpoint={export['goal']}", f"agent.planner.checkpoint={export['world_model']}",
-            f"agent.planner.tokenizer={export['tokenizer']}", "agent.replan=chunk", "agent.subtask_budget=0.5"])
-    env_cfg, agent_cfg = to_dataclass(EnvConfig, cfg.env), to_dataclass(AgentConfig, cfg.agent)
+            f"env={TASK}", "env.image_size=32", "agent=world_model", f"agent.checkpoint={export['goal']}",
+            f"agent.planner.checkpoint={export['world_model']}", f"agent.planner.tokenizer={export['tokenizer']}",
+            *overrides])
+    return to_dataclass(EnvConfig, cfg.env), to_dataclass(AgentConfig, cfg.agent)
+
+
+def test_the_world_model_agent_plans_and_acts_through_evaluate(export, tmp_path):
+    env_cfg, agent_cfg = agent_configs(export, "env.max_episode_steps=6", "agent.replan=chunk", "agent.subtask_budget=0.5")
     summary = evaluate(env_cfg, agent_cfg, episodes=1, seed=2, output_dir=tmp_path, video=True, progress=False)
     record = json.loads((tmp_path / "episodes.jsonl").read_text())
     plans = record["agent"]["plans"]
@@ -112,12 +117,8 @@ def test_the_world_model_agent_plans_and_acts_through_evaluate(export, tmp_path)
 
 def test_the_agent_replans_when_the_last_subtasks_budget_runs_out(export, tmp_path):
     """It used to wait on the last subtask's keyframe for the rest of the episode."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="evaluate", overrides=[
-            f"env={TASK}", "env.image_size=32", "env.max_episode_steps=24", "agent=world_model",
-            f"agent.checkpoint={export['goal']}", f"agent.planner.checkpoint={export['world_model']}",
-            f"agent.planner.tokenizer={export['tokenizer']}", "agent.subtask_budget=0.5", "agent.reached_threshold=0.999"])
-    env_cfg, agent_cfg = to_dataclass(EnvConfig, cfg.env), to_dataclass(AgentConfig, cfg.agent)
+    env_cfg, agent_cfg = agent_configs(export, "env.max_episode_steps=24", "agent.subtask_budget=0.5",
+                                       "agent.reached_threshold=0.999")
     evaluate(env_cfg, agent_cfg, episodes=1, seed=2, output_dir=tmp_path, progress=False)
     plans = json.loads((tmp_path / "episodes.jsonl").read_text())["agent"]["plans"]
     assert [p["subtask"] for p in plans[:4]] == [0, 1, 2, 3]  # budgets only (never reached)
